@@ -1,0 +1,205 @@
+"""Pipeline options shared by the pipelines, and the local-runner and emulator defaults.
+
+Run locally (no `--runner`, or `--runner=DirectRunner`) a pipeline talks to the local emulators
+and uses the local runner that supports it: Beam's bundle-based DirectRunner for streaming and
+the FnApiRunner for batch. (The plain DirectRunner would first try the Prism runner, which
+downloads a binary.) On any other runner nothing is pointed at an emulator unless asked.
+"""
+
+import logging
+import os
+
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
+
+from rtml import config
+
+_LOG = logging.getLogger(__name__)
+LOCAL_RUNNERS = {"directrunner", "direct", "bundlebaseddirectrunner", "fnapirunner", "switchingdirectrunner"}
+
+
+class LocalServiceOptions(PipelineOptions):
+    """Where Pub/Sub and Bigtable are: the local emulators by default when run locally."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--pubsub_emulator_host",
+            default=None,
+            help="host:port of a Pub/Sub emulator. Default for local runners: $PUBSUB_EMULATOR_HOST, "
+            f"else {config.DEFAULT_PUBSUB_HOST}. Pass 'none' to use real Pub/Sub.",
+        )
+        parser.add_argument(
+            "--bigtable_emulator_host",
+            default=None,
+            help="host:port of a Bigtable emulator. Default for local runners: $BIGTABLE_EMULATOR_HOST, "
+            f"else {config.DEFAULT_BIGTABLE_HOST}. Pass 'none' to use real Bigtable.",
+        )
+
+
+class StreamingIOOptions(PipelineOptions):
+    """The Pub/Sub inputs and the dead-letter output of a streaming pipeline."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--transactions_subscription",
+            default=None,
+            help="Subscription with transactions, projects/P/subscriptions/S "
+            f"(default: the project's {config.subscription_for(config.TRANSACTIONS_TOPIC)}).",
+        )
+        parser.add_argument(
+            "--feedback_subscription",
+            default=None,
+            help="Subscription with fraud feedback, projects/P/subscriptions/S "
+            f"(default: the project's {config.subscription_for(config.FEEDBACK_TOPIC)}).",
+        )
+        parser.add_argument(
+            "--dead_letter_topic",
+            default=None,
+            help=f"Topic for rejected messages, projects/P/topics/T (default: the project's {config.DEAD_LETTER_TOPIC}).",
+        )
+        parser.add_argument(
+            "--id_label",
+            default=None,
+            help="Pub/Sub attribute holding a unique message id, for deduplication on Dataflow "
+            "(e.g. transaction_id). Off by default: local runners do not support it.",
+        )
+        parser.add_argument(
+            "--timestamp_attribute",
+            default=None,
+            help="Pub/Sub attribute holding the element timestamp, on Dataflow only. Off by default.",
+        )
+
+
+def is_local(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner
+    return runner is None or (isinstance(runner, str) and runner.lower() in LOCAL_RUNNERS)
+
+
+def project_of(options: PipelineOptions) -> str:
+    """The Google Cloud project, `rtml-local` when running locally without one."""
+    gcp = options.view_as(GoogleCloudOptions)
+    if gcp.project is None and is_local(options):
+        gcp.project = config.DEFAULT_PROJECT
+    if not gcp.project:
+        raise ValueError("--project is required when running outside the local runners")
+    return gcp.project
+
+
+def prepare_local_run(options: PipelineOptions, streaming: bool) -> None:
+    """Pick the local runner and point client libraries at the emulators (local runs only).
+
+    Called before the graph is built. Sets `streaming` as given, replaces `DirectRunner` (or no
+    runner) with the local runner that supports the mode, and exports the emulator hosts into
+    this process's environment, where Google's client libraries read them.
+    """
+    standard = options.view_as(StandardOptions)
+    standard.streaming = streaming
+    if not is_local(options):
+        hosts = options.view_as(LocalServiceOptions)
+        _export("PUBSUB_EMULATOR_HOST", hosts.pubsub_emulator_host)
+        _export("BIGTABLE_EMULATOR_HOST", hosts.bigtable_emulator_host)
+        return
+    if standard.runner is None or standard.runner.lower() in {"directrunner", "direct", "switchingdirectrunner"}:
+        standard.runner = "BundleBasedDirectRunner" if streaming else "FnApiRunner"
+        _LOG.info("running locally on %s", standard.runner)
+    project_of(options)
+    hosts = options.view_as(LocalServiceOptions)
+    _export(
+        "PUBSUB_EMULATOR_HOST",
+        _local_host(hosts.pubsub_emulator_host, "PUBSUB_EMULATOR_HOST", config.DEFAULT_PUBSUB_HOST),
+    )
+    _export(
+        "BIGTABLE_EMULATOR_HOST",
+        _local_host(hosts.bigtable_emulator_host, "BIGTABLE_EMULATOR_HOST", config.DEFAULT_BIGTABLE_HOST),
+    )
+    if streaming and standard.runner == "BundleBasedDirectRunner" and os.environ.get("PUBSUB_EMULATOR_HOST"):
+        shorten_emulator_pulls()
+
+
+# The Pub/Sub emulator holds a pull on an empty subscription until one second before the RPC's
+# deadline, and the bundle-based DirectRunner pulls with a 30 s deadline on its only worker
+# thread. An idle subscription (fraud feedback is rare) would then stall every other step for
+# 29 s per poll. Locally against the emulator we cap that deadline so an empty pull returns after
+# about 50 ms. Beam's behaviour is otherwise unchanged: at most 10 messages per bundle,
+# acknowledged before processing.
+EMULATOR_PULL_DEADLINE_S = 1.05
+
+
+class _ShortPullClient:
+    """Delegates to a SubscriberClient, capping the deadline of `pull`."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def pull(self, *args, timeout=None, **kwargs):
+        capped = EMULATOR_PULL_DEADLINE_S if timeout is None else min(timeout, EMULATOR_PULL_DEADLINE_S)
+        return self._client.pull(*args, timeout=capped, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def shorten_emulator_pulls() -> bool:
+    """Cap the local runner's Pub/Sub pull deadline (see above); False if Beam's layout differs."""
+    try:
+        from apache_beam.runners.direct.transform_evaluator import _PubSubReadEvaluator
+    except ImportError:
+        _LOG.warning("cannot shorten emulator pulls: Beam's DirectRunner Pub/Sub reader was not found")
+        return False
+    current = _PubSubReadEvaluator.__dict__.get("_get_subscriber_client")
+    if not isinstance(current, classmethod):
+        _LOG.warning("cannot shorten emulator pulls: unexpected DirectRunner Pub/Sub reader")
+        return False
+    if getattr(current.__func__, "_rtml_short_pull", False):
+        return True
+    original = current.__func__
+
+    def short_pull_client(cls, transform):
+        return _ShortPullClient(original(cls, transform))
+
+    short_pull_client._rtml_short_pull = True
+    _PubSubReadEvaluator._get_subscriber_client = classmethod(short_pull_client)
+    _LOG.info("local run on the Pub/Sub emulator: pull deadline capped at %.2f s", EMULATOR_PULL_DEADLINE_S)
+    return True
+
+
+def resolve_streaming_io(options: PipelineOptions) -> StreamingIOOptions:
+    """Fill the Pub/Sub paths left unset with the project's contract names."""
+    io = options.view_as(StreamingIOOptions)
+    project = project_of(options)
+    if io.transactions_subscription is None:
+        io.transactions_subscription = config.subscription_path(
+            project, config.subscription_for(config.TRANSACTIONS_TOPIC)
+        )
+    if io.feedback_subscription is None:
+        io.feedback_subscription = config.subscription_path(project, config.subscription_for(config.FEEDBACK_TOPIC))
+    if io.dead_letter_topic is None:
+        io.dead_letter_topic = config.topic_path(project, config.DEAD_LETTER_TOPIC)
+    for name in ("transactions_subscription", "feedback_subscription"):
+        _check_path(name, getattr(io, name), "subscriptions")
+    _check_path("dead_letter_topic", io.dead_letter_topic, "topics")
+    if is_local(options) and (io.id_label or io.timestamp_attribute):
+        raise ValueError("--id_label and --timestamp_attribute work only on Dataflow; leave them unset for local runs")
+    return io
+
+
+def _check_path(name: str, value: str, kind: str) -> None:
+    parts = value.split("/")
+    if len(parts) != 4 or parts[0] != "projects" or parts[2] != kind or not parts[1] or not parts[3]:
+        raise ValueError(f"--{name} must look like projects/PROJECT/{kind}/NAME, got {value!r}")
+
+
+def _local_host(flag: str | None, env_name: str, default: str) -> str | None:
+    if flag is not None:
+        return flag
+    return os.environ.get(env_name) or default
+
+
+def _export(env_name: str, host: str | None) -> None:
+    if host is None:
+        return
+    if host.lower() == "none":
+        os.environ.pop(env_name, None)
+    else:
+        os.environ[env_name] = host

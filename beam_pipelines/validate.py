@@ -1,0 +1,84 @@
+"""Streaming validation pipeline: Pub/Sub inputs -> typed events and dead letters.
+
+Reads `transactions-sub` and `fraud-feedback-sub`, validates every message against the contract,
+publishes each accepted event (as a replay-file line) to `--output_topic` and each rejected one
+to the dead-letter topic. It is the front half of the scoring pipeline on its own: the demo and
+tests use it, and it is the passthrough baseline of the benchmarks.
+
+    python -m beam_pipelines.validate            # locally, against the emulators
+"""
+
+import json
+import logging
+import sys
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.io.gcp.pubsub import PubsubMessage, WriteToPubSub
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineResult
+
+from beam_pipelines import options as opts
+from rtml import config, events
+from transforms.validation import ReadEvents, WriteDeadLetters
+
+
+class ValidateOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--output_topic",
+            default=None,
+            help=f"Topic for accepted events, projects/P/topics/T (default: the project's {config.VALIDATED_TOPIC}).",
+        )
+
+
+class ValidatePipeline(NamedTuple):
+    transactions: beam.PCollection
+    feedback: beam.PCollection
+    dead_letters: beam.PCollection
+
+
+def event_message(event: events.Transaction | events.Feedback) -> PubsubMessage:
+    """An accepted event as a Pub/Sub message in the replay-file line format."""
+    data = json.dumps(events.replay_record(event), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return PubsubMessage(data, {"transaction_id": event.transaction_id})
+
+
+def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ValidatePipeline:
+    io = opts.resolve_streaming_io(options)
+    output = options.view_as(ValidateOptions)
+    if output.output_topic is None:
+        output.output_topic = config.topic_path(opts.project_of(options), config.VALIDATED_TOPIC)
+    inputs = pipeline | "ReadEvents" >> ReadEvents(
+        io.transactions_subscription, io.feedback_subscription, io.id_label, io.timestamp_attribute
+    )
+    _ = (
+        (inputs.transactions, inputs.feedback)
+        | "FlattenEvents" >> beam.Flatten()
+        | "ToMessage" >> beam.Map(event_message)
+        | "PublishEvents" >> WriteToPubSub(output.output_topic, with_attributes=True)
+    )
+    _ = inputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(io.dead_letter_topic)
+    return ValidatePipeline(inputs.transactions, inputs.feedback, inputs.dead_letters)
+
+
+def run(argv: list[str] | None = None) -> PipelineResult:
+    """Build and start the pipeline; returns without waiting (streaming runs until cancelled)."""
+    options = PipelineOptions(argv)
+    opts.prepare_local_run(options, streaming=True)
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, options)
+    return pipeline.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = PipelineOptions(argv)
+    result = run(argv)
+    if opts.is_local(options):
+        result.wait_until_finish()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,323 @@
+"""The `rtml` command line: local emulators, simulated data, replay and tail, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from rtml import config
+
+EXIT_USAGE = 2
+
+
+class CommandError(RuntimeError):
+    """A failure the user can act on; printed without a traceback."""
+
+
+def _services(args: argparse.Namespace) -> config.LocalServices:
+    return config.LocalServices(
+        pubsub_host=args.pubsub_emulator,
+        bigtable_host=args.bigtable_emulator,
+        project=args.project,
+        instance=args.instance,
+    )
+
+
+def _use_services(args: argparse.Namespace) -> config.LocalServices:
+    """Point this process's Google clients at the emulators, unless `--no-emulators`."""
+    services = _services(args)
+    if getattr(args, "no_emulators", False):
+        for key in services.environ():
+            os.environ.pop(key, None)
+    else:
+        os.environ.update(services.environ())
+    return services
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from rtml import emulators
+
+    emulators.start(_services(args))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from rtml import emulators
+
+    stopped = emulators.stop()
+    if not stopped:
+        print("nothing to stop: no emulator started by `rtml up` is running")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rtml import emulators
+
+    rows = emulators.status(_services(args))
+    table = Table(title="local emulators")
+    for column in ("emulator", "host", "pid", "running", "answering"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            *(("-" if row[c] is None else str(row[c])) for c in ("emulator", "host", "pid", "running", "answering"))
+        )
+    Console().print(table)
+    return 0 if all(row["answering"] for row in rows) else 1
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from rtml import simulator
+
+    try:
+        cfg = simulator.SimulationConfig(
+            days=args.days,
+            customers=args.customers,
+            terminals=args.terminals,
+            start=args.start,
+            seed=args.seed,
+            feedback_delay_days=args.feedback_delay_days,
+        )
+    except (ValueError, TypeError) as err:
+        raise CommandError(str(err)) from None
+    summary = simulator.simulate_to_file(cfg, args.out, progress=not args.quiet)
+    _print_kv(
+        f"wrote {args.out}",
+        {
+            "transactions": f"{summary.transactions:,}",
+            "feedback events": f"{summary.feedback:,}",
+            "fraud rate": f"{summary.fraud_rate:.3%}",
+            **{f"frauds: {name}": f"{count:,}" for name, count in summary.frauds_by_scenario.items()},
+            "event times": f"{summary.first_event_time} .. {summary.last_event_time}",
+            "seconds": f"{summary.seconds:.1f}",
+        },
+    )
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from rtml import pubsub_tools
+
+    _use_services(args)
+    try:
+        stats = pubsub_tools.replay(
+            args.input,
+            project=args.project,
+            transactions_topic=args.transactions_topic,
+            feedback_topic=args.feedback_topic,
+            rate=args.rate,
+            speedup=args.speedup,
+            malformed_rate=args.malformed_rate,
+            seed=args.seed,
+            limit=args.limit,
+            progress=not args.quiet,
+        )
+    except (pubsub_tools.ReplayFileError, ValueError, OSError) as err:
+        raise CommandError(str(err)) from None
+    _print_kv(
+        f"published {args.input}",
+        {
+            "transactions": f"{stats.transactions:,}",
+            "feedback": f"{stats.feedback:,}",
+            "malformed": f"{sum(stats.malformed.values()):,}",
+            "seconds": f"{stats.seconds:.1f}",
+            "events/s": f"{stats.published / stats.seconds:,.0f}" if stats.seconds else "-",
+        },
+    )
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from rtml import pubsub_tools
+
+    _use_services(args)
+    out = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115 - closed below
+
+    def handle(message: pubsub_tools.PulledMessage) -> None:
+        text = message.data.decode("utf-8", "replace")
+        if out is not None:
+            out.write(text.rstrip("\n") + "\n")
+        else:
+            print(text, flush=True)
+
+    try:
+        count = pubsub_tools.pull(
+            args.subscription, args.project, count=args.count, idle_timeout=args.idle_timeout, on_message=handle
+        )
+    except KeyboardInterrupt:
+        count = None
+    finally:
+        if out is not None:
+            out.close()
+    if count is not None:
+        print(
+            f"read {count:,} messages from {args.subscription}" + (f" into {args.out}" if args.out else ""),
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rtml import demo
+
+    return demo.run(_services(args), workdir=args.workdir, keep_emulators=args.keep_emulators)
+
+
+def _print_kv(title: str, values: dict[str, str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in values.items():
+        table.add_row(key, value)
+    Console(stderr=False).print(table)
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    services = argparse.ArgumentParser(add_help=False)
+    group = services.add_argument_group("services (default: the local emulators)")
+    group.add_argument(
+        "--project",
+        default=os.environ.get("PUBSUB_PROJECT_ID", config.DEFAULT_PROJECT),
+        help="Google Cloud project (default: %(default)s)",
+    )
+    group.add_argument(
+        "--instance", default=config.DEFAULT_BIGTABLE_INSTANCE, help="Bigtable instance (default: %(default)s)"
+    )
+    group.add_argument(
+        "--pubsub-emulator",
+        default=os.environ.get("PUBSUB_EMULATOR_HOST", config.DEFAULT_PUBSUB_HOST),
+        metavar="HOST:PORT",
+        help="Pub/Sub emulator address (default: %(default)s)",
+    )
+    group.add_argument(
+        "--bigtable-emulator",
+        default=os.environ.get("BIGTABLE_EMULATOR_HOST", config.DEFAULT_BIGTABLE_HOST),
+        metavar="HOST:PORT",
+        help="Bigtable emulator address (default: %(default)s)",
+    )
+    cloud = argparse.ArgumentParser(add_help=False)
+    cloud.add_argument(
+        "--no-emulators",
+        action="store_true",
+        help="talk to real Google Cloud (application default credentials) instead of the emulators",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="rtml",
+        description="Real-time ML pipelines on Apache Beam: card fraud detection, locally on the emulators or on Dataflow.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "up", parents=[services], help="start the local Pub/Sub and Bigtable emulators and create resources"
+    )
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", parents=[services], help="stop the emulators `rtml up` started")
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("status", parents=[services], help="show whether the local emulators run and answer")
+    p.set_defaults(func=cmd_status)
+
+    from rtml.simulator import SimulationConfig
+
+    sim = SimulationConfig()
+    p = sub.add_parser("simulate", help="write a synthetic replay file with known fraud scenarios")
+    p.add_argument("--out", required=True, help="replay file to write (JSON Lines)")
+    p.add_argument("--days", type=int, default=sim.days, help="days of history (default: %(default)s)")
+    p.add_argument("--customers", type=int, default=sim.customers, help="number of customers (default: %(default)s)")
+    p.add_argument("--terminals", type=int, default=sim.terminals, help="number of terminals (default: %(default)s)")
+    p.add_argument("--start", type=_date, default=sim.start, help="first day, YYYY-MM-DD (default: %(default)s)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=sim.seed,
+        help="random seed; same arguments give the same file (default: %(default)s)",
+    )
+    p.add_argument(
+        "--feedback-delay-days",
+        type=float,
+        default=sim.feedback_delay_days,
+        help="days from a fraud to its report (default: %(default)s)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("replay", parents=[services, cloud], help="publish a replay file to the input topics")
+    p.add_argument("--input", required=True, help="replay file (JSON Lines, .gz allowed)")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=_positive_float, help="events per second (default: as fast as possible)")
+    pace.add_argument("--speedup", type=_positive_float, help="follow event time, X times faster than real time")
+    p.add_argument(
+        "--malformed-rate",
+        type=float,
+        default=0.0,
+        help="also publish a malformed copy of this share of events, to exercise dead letters (default: 0)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for --malformed-rate (default: %(default)s)")
+    p.add_argument("--limit", type=int, help="publish at most this many lines")
+    p.add_argument("--transactions-topic", default=config.TRANSACTIONS_TOPIC, help="(default: %(default)s)")
+    p.add_argument("--feedback-topic", default=config.FEEDBACK_TOPIC, help="(default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "tail", parents=[services, cloud], help="read insights (or any subscription) and print or save them"
+    )
+    p.add_argument(
+        "--subscription",
+        default=config.subscription_for(config.INSIGHTS_TOPIC),
+        help="subscription name or path (default: %(default)s)",
+    )
+    p.add_argument("--out", help="write one JSON object per line to this file instead of printing")
+    p.add_argument("--count", type=int, help="stop after this many messages")
+    p.add_argument("--idle-timeout", type=_positive_float, help="stop after this many seconds without a message")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("demo", parents=[services], help="the whole loop on simulated data, end to end, with a summary")
+    p.add_argument("--workdir", default="out/demo", help="where the demo writes its files (default: %(default)s)")
+    p.add_argument("--keep-emulators", action="store_true", help="leave the emulators running afterwards")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CommandError as err:
+        print(f"rtml {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:
+        from rtml.emulators import EmulatorError
+
+        if isinstance(err, EmulatorError):
+            print(f"rtml {args.command}: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

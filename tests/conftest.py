@@ -1,0 +1,63 @@
+"""Shared fixtures. `services` starts the real Pub/Sub and Bigtable emulators once per session."""
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from rtml import config, emulators
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory) -> config.LocalServices:
+    """The local emulators on free ports (so a developer's own `rtml up` is left alone).
+
+    Started and stopped with the same code as `rtml up` / `rtml down`; the test process's
+    environment points Google's clients at them for the whole session.
+    """
+    state = tmp_path_factory.mktemp("emulators")
+    local = config.LocalServices(
+        pubsub_host=f"localhost:{emulators.free_port()}",
+        bigtable_host=f"localhost:{emulators.free_port()}",
+    )
+    emulators.start(local, state=state, log=lambda _text: None)
+    saved = {key: os.environ.get(key) for key in local.environ()}
+    os.environ.update(local.environ())
+    try:
+        yield local
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        emulators.stop(state=state, log=lambda _text: None)
+
+
+@pytest.fixture
+def unique_topics(services):
+    """Fresh topics and `<topic>-sub` subscriptions for one test, so tests never share messages."""
+    from google.cloud import pubsub_v1
+
+    suffix = uuid.uuid4().hex[:8]
+    names = {topic: f"{topic}-{suffix}" for topic in config.TOPICS}
+    publisher = pubsub_v1.PublisherClient()
+    subscriber = pubsub_v1.SubscriberClient()
+    for name in names.values():
+        topic = config.topic_path(services.project, name)
+        publisher.create_topic(request={"name": topic})
+        subscriber.create_subscription(
+            request={
+                "name": config.subscription_path(services.project, config.subscription_for(name)),
+                "topic": topic,
+                "ack_deadline_seconds": 60,
+            }
+        )
+    subscriber.close()
+    return names
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

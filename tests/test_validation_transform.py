@@ -1,0 +1,87 @@
+"""ValidateMessages as a Beam transform: typed events out, one dead letter per bad message, counters."""
+
+import base64
+import json
+
+import apache_beam as beam
+from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from rtml import events
+from transforms.validation import ValidateMessages, dead_letter_message
+
+GOOD = [
+    {
+        "transaction_id": f"tx{i}",
+        "event_time": f"2026-01-01T00:00:0{i}Z",
+        "customer_id": "C1",
+        "terminal_id": "T1",
+        "amount": float(i),
+    }
+    for i in range(3)
+]
+BAD = {
+    b"not json": "not_json",
+    b"\xff": "not_utf8",
+    b"[]": "not_object",
+    json.dumps({**GOOD[0], "amount": -1}).encode(): "negative_amount",
+    json.dumps({**GOOD[0], "event_time": "2026-01-01T00:00:00"}).encode(): "timestamp_without_zone",
+}
+
+
+def counter(result, name: str) -> int:
+    found = result.metrics().query(MetricsFilter().with_name(name))["counters"]
+    return sum(c.committed for c in found)
+
+
+def test_validate_messages_yields_typed_events_and_one_dead_letter_per_bad_message():
+    messages = [PubsubMessage(json.dumps(body).encode(), {"n": str(i)}) for i, body in enumerate(GOOD)]
+    messages += [PubsubMessage(payload, {"bad": kind}) for payload, kind in BAD.items()]
+    expected_events = [events.parse_transaction(json.dumps(body).encode()) for body in GOOD]
+
+    pipeline = TestPipeline(runner="FnApiRunner")
+    validated = pipeline | beam.Create(messages) | ValidateMessages("transactions")
+    assert_that(validated.events, equal_to(expected_events), label="Events")
+
+    def check_dead_letters(actual):
+        assert sorted(kind for kind, _ in actual) == sorted(BAD.values())
+        for kind, record in actual:
+            payload = base64.b64decode(record["payload_base64"])
+            assert BAD[payload] == kind
+            assert record["source"] == "transactions"
+            assert record["attributes"] == {"bad": kind}
+            assert record["error"]
+
+    assert_that(validated.dead_letters, check_dead_letters, label="DeadLetters")
+    result = pipeline.run()
+    result.wait_until_finish()
+    assert counter(result, "transactions_valid") == 3
+    assert counter(result, "transactions_invalid") == 5
+    assert counter(result, "error_not_json") == 1
+    assert counter(result, "error_negative_amount") == 1
+
+
+def test_a_parser_crash_becomes_a_dead_letter_not_a_pipeline_failure():
+    def fragile(payload: bytes):
+        if payload == b"boom":
+            raise ZeroDivisionError("parser defect")
+        return payload.decode()
+
+    pipeline = TestPipeline(runner="FnApiRunner")
+    validated = pipeline | beam.Create([b"ok", b"boom"]) | ValidateMessages("transactions", fragile)
+    assert_that(validated.events, equal_to(["ok"]), label="Events")
+    assert_that(
+        validated.dead_letters | beam.Map(lambda kr: (kr[0], kr[1]["error"])),
+        equal_to([("unexpected_error", "message: could not be parsed (ZeroDivisionError: parser defect)")]),
+        label="DeadLetters",
+    )
+    pipeline.run().wait_until_finish()
+
+
+def test_dead_letter_message_carries_the_record_and_kind_attributes():
+    record = events.dead_letter("fraud-feedback", "is_fraud: expected a boolean, got string", b"{}", {}, 0)
+    message = dead_letter_message(("wrong_type", record))
+    assert json.loads(message.data) == record
+    assert message.attributes == {"source": "fraud-feedback", "error_kind": "wrong_type"}

@@ -1,0 +1,153 @@
+"""Turn raw Pub/Sub messages into typed events, routing every rejected message to dead letters."""
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub, WriteToPubSub
+from apache_beam.metrics import Metrics
+
+from rtml import events
+
+DEAD_LETTER_TAG = "dead_letter"
+
+beam.coders.registry.register_coder(events.Transaction, beam.coders.RowCoder)
+beam.coders.registry.register_coder(events.Feedback, beam.coders.RowCoder)
+
+
+def message_parts(message: Any) -> tuple[bytes, Mapping[str, str]]:
+    """Payload and attributes of a Pub/Sub message read with or without attributes."""
+    if isinstance(message, PubsubMessage):
+        return message.data or b"", message.attributes or {}
+    if isinstance(message, (bytes, bytearray)):
+        return bytes(message), {}
+    raise TypeError(f"expected a PubsubMessage or bytes, got {type(message).__name__}")
+
+
+class ValidateMessageFn(beam.DoFn):
+    """Parse one source's messages; a message that fails becomes one dead-letter record.
+
+    `parse` raises `events.InvalidMessage` for a contract violation. Any other exception is a
+    defect in parsing, yet it must not stop the pipeline either: it is dead-lettered as
+    `unexpected_error` with the exception's text, and counted separately.
+    """
+
+    def __init__(self, source: str, parse: Callable[[bytes], Any]):
+        self._source = source
+        self._parse = parse
+
+    def setup(self) -> None:
+        self._valid = Metrics.counter("validation", f"{self._source}_valid")
+        self._invalid = Metrics.counter("validation", f"{self._source}_invalid")
+        self._by_kind = {
+            kind: Metrics.counter("validation", f"error_{kind}") for kind in (*events.ERROR_KINDS, "unexpected_error")
+        }
+
+    def process(self, message: Any):
+        payload, attributes = message_parts(message)
+        try:
+            event = self._parse(payload)
+        except events.InvalidMessage as err:
+            kind, error = err.kind, str(err)
+        except Exception as err:  # noqa: BLE001 - routed to dead letters, see docstring
+            kind, error = "unexpected_error", f"message: could not be parsed ({type(err).__name__}: {err})"
+        else:
+            self._valid.inc()
+            yield event
+            return
+        self._invalid.inc()
+        self._by_kind[kind].inc()
+        record = events.dead_letter(self._source, error, payload, attributes, time.time_ns() // 1000)
+        yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, (kind, record))
+
+
+class Validated(NamedTuple):
+    """Outputs of `ValidateMessages`: typed events, and `(error_kind, record)` dead letters."""
+
+    events: beam.PCollection
+    dead_letters: beam.PCollection
+
+
+class ValidateMessages(beam.PTransform):
+    """Validate the messages of one source (`transactions` or `fraud-feedback`)."""
+
+    PARSERS: dict[str, Callable[[bytes], Any]] = {
+        "transactions": events.parse_transaction,
+        "fraud-feedback": events.parse_feedback,
+    }
+
+    def __init__(self, source: str, parse: Callable[[bytes], Any] | None = None):
+        super().__init__()
+        if parse is None and source not in self.PARSERS:
+            raise ValueError(f"no parser for source {source!r}; known: {sorted(self.PARSERS)}")
+        self._source = source
+        self._parse = parse or self.PARSERS[source]
+
+    def expand(self, messages: beam.PCollection) -> Validated:
+        outputs = messages | "Parse" >> beam.ParDo(ValidateMessageFn(self._source, self._parse)).with_outputs(
+            DEAD_LETTER_TAG, main="events"
+        )
+        return Validated(outputs.events, outputs[DEAD_LETTER_TAG])
+
+
+def dead_letter_message(kind_and_record: tuple[str, dict]) -> PubsubMessage:
+    """A dead-letter record as a Pub/Sub message, its source and error kind as attributes."""
+    kind, record = kind_and_record
+    data = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return PubsubMessage(data, {"source": record["source"], "error_kind": kind})
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Publish `(error_kind, record)` dead letters from any number of steps to one topic."""
+
+    def __init__(self, topic: str):
+        super().__init__()
+        self._topic = topic
+
+    def expand(self, dead_letters: beam.PCollection):
+        return (
+            dead_letters
+            | "ToMessage" >> beam.Map(dead_letter_message)
+            | "Publish" >> WriteToPubSub(self._topic, with_attributes=True)
+        )
+
+
+class InputEvents(NamedTuple):
+    """Outputs of `ReadEvents`."""
+
+    transactions: beam.PCollection
+    feedback: beam.PCollection
+    dead_letters: beam.PCollection
+
+
+class ReadEvents(beam.PTransform):
+    """Read both input subscriptions and validate them: typed events plus all dead letters.
+
+    `id_label` and `timestamp_attribute` are passed to Pub/Sub only when set (Dataflow).
+    """
+
+    def __init__(
+        self,
+        transactions_subscription: str,
+        feedback_subscription: str,
+        id_label: str | None = None,
+        timestamp_attribute: str | None = None,
+    ):
+        super().__init__()
+        self._subscriptions = {"transactions": transactions_subscription, "fraud-feedback": feedback_subscription}
+        self._read_args = {"id_label": id_label, "timestamp_attribute": timestamp_attribute}
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> InputEvents:
+        validated = {}
+        for source, label in (("transactions", "Transactions"), ("fraud-feedback", "Feedback")):
+            messages = pbegin | f"Read{label}" >> ReadFromPubSub(
+                subscription=self._subscriptions[source], with_attributes=True, **self._read_args
+            )
+            validated[source] = messages | f"Validate{label}" >> ValidateMessages(source)
+        dead_letters = (
+            validated["transactions"].dead_letters,
+            validated["fraud-feedback"].dead_letters,
+        ) | "FlattenDeadLetters" >> beam.Flatten()
+        return InputEvents(validated["transactions"].events, validated["fraud-feedback"].events, dead_letters)
