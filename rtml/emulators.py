@@ -105,16 +105,19 @@ def start(services: config.LocalServices, state: Path | None = None, log: Callab
     state = Path(state or config.state_dir())
     state.mkdir(parents=True, exist_ok=True)
     records = _load(state)
+    to_start = []
     for emulator in emulators(services):
         record = records.get(emulator.name)
         if record and _alive(record) and record["host"] == emulator.host:
             log(f"{emulator.name} emulator already running (pid {record['pid']}) on {emulator.host}")
-            continue
-        if _port_open(emulator.hostname, emulator.port):
+        elif _port_open(emulator.hostname, emulator.port):
             raise EmulatorError(
                 f"port {emulator.port} is already in use by a process `rtml up` did not start; "
                 f"stop it, or choose another port for the {emulator.name} emulator"
             )
+        else:
+            to_start.append(emulator)
+    for emulator in to_start:
         logfile = open(state / f"{emulator.name}.log", "ab")  # noqa: SIM115 - handed to the child
         process = subprocess.Popen(
             emulator.command,

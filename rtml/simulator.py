@@ -179,9 +179,7 @@ _WRITE_CHUNK = 100_000
 # Public data classes
 # ---------------------------------------------------------------------------
 def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(
-        value, (bool, np.bool_)
-    )
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -213,9 +211,7 @@ class SimulationConfig:
             or not math.isfinite(float(delay))
             or delay < 0
         ):
-            raise ValueError(
-                f"feedback_delay_days must be a finite number >= 0, got {delay!r}"
-            )
+            raise ValueError(f"feedback_delay_days must be a finite number >= 0, got {delay!r}")
 
     @property
     def start_epoch(self) -> int:
@@ -256,13 +252,9 @@ class Simulation:
         default_factory=lambda: np.zeros((0, 2), dtype=np.int64)
     )
     #: fraud events as (day index, customer) rows: compromise starts that day
-    compromised_card_events: np.ndarray = dataclasses.field(
-        default_factory=lambda: np.zeros((0, 2), dtype=np.int64)
-    )
+    compromised_card_events: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
     #: card-testing bursts as (day index, customer, burst size) rows
-    card_testing_events: np.ndarray = dataclasses.field(
-        default_factory=lambda: np.zeros((0, 3), dtype=np.int64)
-    )
+    card_testing_events: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
     generation_seconds: float = 0.0
 
     def __len__(self) -> int:
@@ -312,9 +304,7 @@ class SimulationSummary:
 # ---------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------
-def _reachable_terminals(
-    customer_xy: np.ndarray, terminal_xy: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _reachable_terminals(customer_xy: np.ndarray, terminal_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CSR lists of the terminals each customer uses: (offsets, flat terminals)."""
     n_cust = customer_xy.shape[0]
     n_term = terminal_xy.shape[0]
@@ -361,9 +351,7 @@ def _truncated_time_of_day(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.clip(np.floor(tod), 0, SECONDS_PER_DAY - 1).astype(np.int64)
 
 
-def _positive_normal(
-    rng: np.random.Generator, mean: np.ndarray, std: np.ndarray
-) -> np.ndarray:
+def _positive_normal(rng: np.random.Generator, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     values = rng.normal(mean, std)
     for _ in range(10):
         bad = np.flatnonzero(values < 0)
@@ -451,9 +439,7 @@ def simulate(config: SimulationConfig) -> Simulation:
     scenario[cents > int(LARGE_AMOUNT_THRESHOLD * 100)] = SCENARIO_LARGE_AMOUNT
 
     # 2. compromised terminals
-    c_days, c_terms = _daily_picks(
-        rng, days, n_term, n_term * COMPROMISED_TERMINALS_PER_TERMINAL_DAY
-    )
+    c_days, c_terms = _daily_picks(rng, days, n_term, n_term * COMPROMISED_TERMINALS_PER_TERMINAL_DAY)
     by_term = np.lexsort((rel_time, term))
     key = term[by_term] * span + rel_time[by_term]
     hit = _window_mask(
@@ -467,9 +453,7 @@ def simulate(config: SimulationConfig) -> Simulation:
     del by_term, key, hit
 
     # 3. compromised cards
-    k_days, k_custs = _daily_picks(
-        rng, days, n_cust, n_cust * COMPROMISED_CARDS_PER_CUSTOMER_DAY
-    )
+    k_days, k_custs = _daily_picks(rng, days, n_cust, n_cust * COMPROMISED_CARDS_PER_CUSTOMER_DAY)
     by_cust = np.lexsort((rel_time, cust))
     key = cust[by_cust] * span + rel_time[by_cust]
     in_window = _window_mask(
@@ -487,32 +471,22 @@ def simulate(config: SimulationConfig) -> Simulation:
     del by_cust, key, in_window, chosen, victims
 
     # 4. card testing bursts (extra payments)
-    b_days, b_custs = _daily_picks(
-        rng, days, n_cust, n_cust * CARD_TESTING_PER_CUSTOMER_DAY
-    )
-    sizes = rng.integers(
-        CARD_TESTING_BURST_SIZE[0], CARD_TESTING_BURST_SIZE[1] + 1, size=b_days.size
-    )
+    b_days, b_custs = _daily_picks(rng, days, n_cust, n_cust * CARD_TESTING_PER_CUSTOMER_DAY)
+    sizes = rng.integers(CARD_TESTING_BURST_SIZE[0], CARD_TESTING_BURST_SIZE[1] + 1, size=b_days.size)
     burst_start = b_days * SECONDS_PER_DAY + rng.integers(
         0, SECONDS_PER_DAY - CARD_TESTING_WINDOW_SECONDS, size=b_days.size
     )
     m = int(sizes.sum())
-    ct_time = np.repeat(burst_start, sizes) + rng.integers(
-        0, CARD_TESTING_WINDOW_SECONDS, size=m
-    )
+    ct_time = np.repeat(burst_start, sizes) + rng.integers(0, CARD_TESTING_WINDOW_SECONDS, size=m)
     ct_cust = np.repeat(b_custs, sizes)
     ct_term = rng.integers(0, n_term, size=m).astype(np.int64)
-    ct_cents = rng.integers(
-        CARD_TESTING_AMOUNT_CENTS[0], CARD_TESTING_AMOUNT_CENTS[1] + 1, size=m
-    ).astype(np.int64)
+    ct_cents = rng.integers(CARD_TESTING_AMOUNT_CENTS[0], CARD_TESTING_AMOUNT_CENTS[1] + 1, size=m).astype(np.int64)
 
     rel_time = np.concatenate([rel_time, ct_time])
     cust = np.concatenate([cust, ct_cust])
     term = np.concatenate([term, ct_term])
     cents = np.concatenate([cents, ct_cents])
-    scenario = np.concatenate(
-        [scenario, np.full(m, SCENARIO_CARD_TESTING, dtype=np.int8)]
-    )
+    scenario = np.concatenate([scenario, np.full(m, SCENARIO_CARD_TESTING, dtype=np.int8)])
 
     # --- order by time (stable => ties keep generation order) -------------
     order = np.argsort(rel_time, kind="stable")
@@ -544,9 +518,7 @@ def simulate(config: SimulationConfig) -> Simulation:
 # ---------------------------------------------------------------------------
 def _rfc3339(seconds: np.ndarray) -> list[str]:
     """int64 epoch seconds -> 'YYYY-MM-DDTHH:MM:SS' strings (no 'Z')."""
-    return np.datetime_as_string(
-        np.asarray(seconds, dtype=np.int64).astype("datetime64[s]"), unit="s"
-    ).tolist()
+    return np.datetime_as_string(np.asarray(seconds, dtype=np.int64).astype("datetime64[s]"), unit="s").tolist()
 
 
 def publication_order(sim: Simulation) -> tuple[np.ndarray, np.ndarray]:
@@ -571,9 +543,7 @@ def publication_order(sim: Simulation) -> tuple[np.ndarray, np.ndarray]:
     return is_fb, index
 
 
-def write_replay(
-    sim: Simulation, path: str | os.PathLike, progress: bool = False
-) -> SimulationSummary:
+def write_replay(sim: Simulation, path: str | os.PathLike, progress: bool = False) -> SimulationSummary:
     """Write ``sim`` as a replay file at ``path`` and summarise it."""
     t0 = time.perf_counter()
     n = len(sim)
@@ -652,9 +622,7 @@ def write_replay(
     return SimulationSummary(
         transactions=n,
         feedback=frauds,
-        frauds_by_scenario={
-            name: int(counts[code]) for code, name in SCENARIO_NAMES.items()
-        },
+        frauds_by_scenario={name: int(counts[code]) for code, name in SCENARIO_NAMES.items()},
         fraud_rate=(frauds / n) if n else 0.0,
         first_event_time=first,
         last_event_time=last,
@@ -662,9 +630,7 @@ def write_replay(
     )
 
 
-def simulate_to_file(
-    config: SimulationConfig, path: str | os.PathLike, progress: bool = False
-) -> SimulationSummary:
+def simulate_to_file(config: SimulationConfig, path: str | os.PathLike, progress: bool = False) -> SimulationSummary:
     """Simulate ``config`` and write the replay file; ``seconds`` covers both."""
     return write_replay(simulate(config), path, progress=progress)
 

@@ -1,0 +1,103 @@
+"""Local-run defaults: runner choice, emulator hosts, contract names, option validation."""
+
+import os
+
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from beam_pipelines import options as opts
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in ("PUBSUB_EMULATOR_HOST", "BIGTABLE_EMULATOR_HOST"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.mark.parametrize(
+    "argv, streaming, runner",
+    [
+        ([], True, "BundleBasedDirectRunner"),
+        ([], False, "FnApiRunner"),
+        (["--runner=DirectRunner"], True, "BundleBasedDirectRunner"),
+        (["--runner=DirectRunner"], False, "FnApiRunner"),
+        (["--runner=FnApiRunner"], False, "FnApiRunner"),
+    ],
+)
+def test_local_runs_never_fall_through_to_prism(clean_env, argv, streaming, runner):
+    options = PipelineOptions(argv)
+    opts.prepare_local_run(options, streaming=streaming)
+    assert options.view_as(StandardOptions).runner == runner
+    assert options.view_as(StandardOptions).streaming is streaming
+
+
+def test_local_runs_default_to_the_local_emulators_and_project(clean_env):
+    options = PipelineOptions([])
+    opts.prepare_local_run(options, streaming=False)
+    assert os.environ["PUBSUB_EMULATOR_HOST"] == "localhost:8085"
+    assert os.environ["BIGTABLE_EMULATOR_HOST"] == "localhost:8086"
+    io = opts.resolve_streaming_io(options)
+    assert io.transactions_subscription == "projects/rtml-local/subscriptions/transactions-sub"
+    assert io.feedback_subscription == "projects/rtml-local/subscriptions/fraud-feedback-sub"
+    assert io.dead_letter_topic == "projects/rtml-local/topics/dead-letter"
+
+
+def test_emulator_flags_override_and_none_means_real_services(clean_env, monkeypatch):
+    monkeypatch.setenv("BIGTABLE_EMULATOR_HOST", "elsewhere:1")
+    options = PipelineOptions(["--pubsub_emulator_host=localhost:9999", "--bigtable_emulator_host=none"])
+    opts.prepare_local_run(options, streaming=False)
+    assert os.environ["PUBSUB_EMULATOR_HOST"] == "localhost:9999"
+    assert "BIGTABLE_EMULATOR_HOST" not in os.environ
+
+
+def test_dataflow_runs_need_a_project_and_touch_no_emulator(clean_env):
+    options = PipelineOptions(["--runner=DataflowRunner"])
+    opts.prepare_local_run(options, streaming=True)
+    assert "PUBSUB_EMULATOR_HOST" not in os.environ
+    with pytest.raises(ValueError, match="--project is required"):
+        opts.project_of(options)
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--transactions_subscription=transactions-sub", "projects/PROJECT/subscriptions/NAME"),
+        ("--dead_letter_topic=projects/p/subscriptions/x", "projects/PROJECT/topics/NAME"),
+        ("--id_label=transaction_id", "only on Dataflow"),
+        ("--timestamp_attribute=published_at", "only on Dataflow"),
+    ],
+)
+def test_bad_streaming_options_are_refused_before_the_graph_is_built(clean_env, flag, message):
+    options = PipelineOptions([flag])
+    opts.prepare_local_run(options, streaming=True)
+    with pytest.raises(ValueError, match=message):
+        opts.resolve_streaming_io(options)
+
+
+def test_short_pull_client_caps_the_pull_deadline_and_delegates_the_rest():
+    calls = []
+
+    class Recorder:
+        def pull(self, *args, **kwargs):
+            calls.append(kwargs["timeout"])
+            return "response"
+
+        def acknowledge(self, **kwargs):
+            return "acked"
+
+    client = opts._ShortPullClient(Recorder())
+    assert client.pull(subscription="s", max_messages=10, timeout=30) == "response"
+    assert client.pull(subscription="s", max_messages=10, timeout=0.5) == "response"
+    assert client.pull(subscription="s") == "response"
+    assert calls == [opts.EMULATOR_PULL_DEADLINE_S, 0.5, opts.EMULATOR_PULL_DEADLINE_S]
+    assert client.acknowledge(subscription="s", ack_ids=[]) == "acked"
+
+
+def test_shortened_pulls_are_installed_on_the_direct_runner_reader_once():
+    from apache_beam.runners.direct.transform_evaluator import _PubSubReadEvaluator
+
+    assert opts.shorten_emulator_pulls() is True
+    installed = _PubSubReadEvaluator.__dict__["_get_subscriber_client"]
+    assert opts.shorten_emulator_pulls() is True
+    assert _PubSubReadEvaluator.__dict__["_get_subscriber_client"] is installed
+    assert getattr(installed.__func__, "_rtml_short_pull", False)
