@@ -71,6 +71,31 @@ class StreamingIOOptions(PipelineOptions):
         )
 
 
+class BigtableOptions(PipelineOptions):
+    """The Bigtable table holding per-entity feature state."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--bigtable_instance",
+            default=config.DEFAULT_BIGTABLE_INSTANCE,
+            help="Bigtable instance with the feature table (default: %(default)s).",
+        )
+        parser.add_argument(
+            "--bigtable_table",
+            default=config.FEATURES_TABLE,
+            help="Feature-state table; create it with `rtml up` or templates/setup_gcp.sh (default: %(default)s).",
+        )
+
+
+def store_config(options: PipelineOptions):
+    """The feature store settings of these options (a `transforms.features.StoreConfig`)."""
+    from transforms.features import StoreConfig
+
+    bigtable = options.view_as(BigtableOptions)
+    return StoreConfig(project_of(options), bigtable.bigtable_instance, bigtable.bigtable_table)
+
+
 def is_local(options: PipelineOptions) -> bool:
     runner = options.view_as(StandardOptions).runner
     return runner is None or (isinstance(runner, str) and runner.lower() in LOCAL_RUNNERS)

@@ -21,8 +21,11 @@ DEAD_LETTER_TOPIC = "dead-letter"
 # Not in the contract: where the validation pipeline (`beam_pipelines.validate`) publishes the
 # typed events it accepted. Used by the demo, the tests and the passthrough benchmark.
 VALIDATED_TOPIC = "validated"
+# Not in the contract: where the feature pipeline (`beam_pipelines.featurize`) publishes each
+# transaction with its reference features.
+FEATURES_TOPIC = "features"
 
-TOPICS = (TRANSACTIONS_TOPIC, FEEDBACK_TOPIC, INSIGHTS_TOPIC, DEAD_LETTER_TOPIC, VALIDATED_TOPIC)
+TOPICS = (TRANSACTIONS_TOPIC, FEEDBACK_TOPIC, INSIGHTS_TOPIC, DEAD_LETTER_TOPIC, VALIDATED_TOPIC, FEATURES_TOPIC)
 
 FEATURES_TABLE = "features"
 # Column families of the feature table and their garbage-collection max age in days: the

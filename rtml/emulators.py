@@ -228,7 +228,7 @@ def ensure_resources(services: config.LocalServices) -> None:
         ensure_feature_table(services)
 
 
-def ensure_feature_table(services: config.LocalServices) -> None:
+def ensure_feature_table(services: config.LocalServices, table_id: str = config.FEATURES_TABLE) -> None:
     """The feature table with every column family and its max-age garbage-collection rule."""
     import datetime as dt
 
@@ -236,7 +236,7 @@ def ensure_feature_table(services: config.LocalServices) -> None:
 
     with emulator_environment(services):
         client = Client(project=services.project, admin=True)
-        table = client.instance(services.instance).table(config.FEATURES_TABLE)
+        table = client.instance(services.instance).table(table_id)
         rules = {
             name: column_family.MaxAgeGCRule(dt.timedelta(days=days)) for name, days in config.FEATURE_FAMILIES.items()
         }

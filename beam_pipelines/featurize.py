@@ -1,0 +1,99 @@
+"""Streaming feature pipeline: Pub/Sub inputs -> validation -> stateful features -> Pub/Sub.
+
+Reads `transactions-sub` and `fraud-feedback-sub`, validates them (rejects go to the dead-letter
+topic), computes every reference feature with the Bigtable-backed stateful DoFns, and publishes
+one record per transaction to `--output_topic`:
+`{transaction_id, customer_id, terminal_id, event_time, amount, features: {...}}`.
+The scoring pipeline runs the same steps before inference; this one serves feature logging and
+the feature engine's own tests.
+
+    python -m beam_pipelines.featurize            # locally, against the emulators
+"""
+
+import json
+import logging
+import sys
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.io.gcp.pubsub import PubsubMessage, WriteToPubSub
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineResult
+
+from beam_pipelines import options as opts
+from rtml import config
+from transforms.features import ComputeFeatures, FeaturedTransaction, WriteEntityCells
+from transforms.validation import ReadEvents, WriteDeadLetters
+
+
+class FeaturizeOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--output_topic",
+            default=None,
+            help=f"Topic for featured transactions, projects/P/topics/T (default: the project's {config.FEATURES_TOPIC}).",
+        )
+
+
+class FeaturizePipeline(NamedTuple):
+    featured: beam.PCollection
+    dead_letters: beam.PCollection
+
+
+def feature_record(item: FeaturedTransaction) -> dict:
+    tx = item.transaction
+    return {
+        "transaction_id": tx.transaction_id,
+        "customer_id": tx.customer_id,
+        "terminal_id": tx.terminal_id,
+        "event_time": tx.event_time,
+        "amount": tx.amount,
+        "features": item.features,
+    }
+
+
+def feature_message(item) -> PubsubMessage:
+    """A featured transaction as a Pub/Sub message (`item` is a `FeaturedTransaction`)."""
+    data = json.dumps(feature_record(item), separators=(",", ":")).encode("utf-8")
+    return PubsubMessage(data, {"transaction_id": item.transaction.transaction_id})
+
+
+def build(pipeline: beam.Pipeline, options: PipelineOptions) -> FeaturizePipeline:
+    io = opts.resolve_streaming_io(options)
+    output = options.view_as(FeaturizeOptions)
+    if output.output_topic is None:
+        output.output_topic = config.topic_path(opts.project_of(options), config.FEATURES_TOPIC)
+    store = opts.store_config(options)
+    inputs = pipeline | "ReadEvents" >> ReadEvents(
+        io.transactions_subscription, io.feedback_subscription, io.id_label, io.timestamp_attribute
+    )
+    computed = (inputs.transactions, inputs.feedback) | "ComputeFeatures" >> ComputeFeatures(store)
+    _ = computed.mutations | "WriteEntityCells" >> WriteEntityCells(store)
+    _ = (
+        computed.transactions
+        | "ToMessage" >> beam.Map(feature_message)
+        | "PublishFeatures" >> WriteToPubSub(output.output_topic, with_attributes=True)
+    )
+    _ = inputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(io.dead_letter_topic)
+    return FeaturizePipeline(computed.transactions, inputs.dead_letters)
+
+
+def run(argv: list[str] | None = None) -> PipelineResult:
+    """Build and start the pipeline; returns without waiting (streaming runs until cancelled)."""
+    options = PipelineOptions(argv)
+    opts.prepare_local_run(options, streaming=True)
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, options)
+    return pipeline.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run(argv)
+    if opts.is_local(PipelineOptions(argv)):
+        result.wait_until_finish()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

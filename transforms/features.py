@@ -1,0 +1,233 @@
+"""Streaming feature engine: keyed stateful DoFns in the global window, backed by Bigtable.
+
+Transactions pass the customer DoFn (keyed by customer) and then the terminal DoFn (keyed by
+terminal, which also receives fraud feedback), and leave with every reference feature. Beam
+state is the hot cache of each entity; Bigtable is the durable store: the first time a worker
+sees a key it loads the entity's row, and every change is sent to `WriteEntityCells`, which
+batches mutations with `GroupIntoBatches` so there are far fewer write RPCs than events.
+"""
+
+import zlib
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+
+from rtml import entity_store as store
+from rtml import events
+from rtml.features import Entry, Report
+
+MUTATIONS_TAG = "mutations"
+
+
+class StoreConfig(NamedTuple):
+    """Where the feature table lives."""
+
+    project: str
+    instance: str
+    table: str
+
+
+class FeaturedTransaction(NamedTuple):
+    """A transaction with all reference features."""
+
+    transaction: events.Transaction
+    features: dict
+
+
+def _counter(name: str):
+    return Metrics.counter("features", name)
+
+
+class _EntityFn(beam.DoFn):
+    """Shared plumbing: the Bigtable store, created once per worker, and RPC counters."""
+
+    def __init__(self, config: StoreConfig, kind: str):
+        self._config = config
+        self._kind = kind
+
+    def setup(self):
+        self._store = store.EntityStore(*self._config)
+        self._read_rpcs = _counter("bigtable_read_rpcs")
+        self._loaded = _counter(f"{self._kind}_rows_loaded")
+
+    def teardown(self):
+        self._store.close()
+
+    def _load(self, entity_id: str):
+        key = store.row_key(self._kind, entity_id)
+        self._read_rpcs.inc()
+        cells = self._store.load([key]).get(key)
+        if cells is not None:
+            self._loaded.inc()
+        return key, cells
+
+
+class CustomerFeaturesFn(_EntityFn):
+    """Customer windows for each transaction; a duplicate transaction_id is counted, not passed on."""
+
+    ENTITY = ReadModifyWriteStateSpec("customer", PickleCoder())
+
+    def __init__(self, config: StoreConfig):
+        super().__init__(config, store.CUSTOMER)
+
+    def setup(self):
+        super().setup()
+        self._duplicates = _counter("duplicate_transactions")
+
+    def process(self, element, entity=beam.DoFn.StateParam(ENTITY)):
+        customer_id, tx = element
+        cached = entity.read()
+        if cached is None:
+            _, cells = self._load(customer_id)
+            state = store.customer_state(cells)
+        else:
+            state = cached
+        features = state.update(tx)
+        if features is None:
+            self._duplicates.inc()
+            if cached is None:
+                entity.write(state)
+            return
+        entity.write(state)
+        entry = Entry(tx.event_time_us, tx.transaction_id, tx.amount)
+        yield beam.pvalue.TaggedOutput(
+            MUTATIONS_TAG, (store.row_key(store.CUSTOMER, customer_id), [store.entry_cell(entry)])
+        )
+        yield tx.terminal_id, ("tx", (tx, features))
+
+
+class TerminalFeaturesFn(_EntityFn):
+    """Terminal windows and fraud risk; applies fraud feedback to the terminal's transactions."""
+
+    ENTITY = ReadModifyWriteStateSpec("terminal", PickleCoder())
+
+    def __init__(self, config: StoreConfig):
+        super().__init__(config, store.TERMINAL)
+
+    def setup(self):
+        super().setup()
+        self._feedback = _counter("feedback_applied")
+        self._duplicates = _counter("duplicate_transactions_at_terminal")
+
+    def process(self, element, entity=beam.DoFn.StateParam(ENTITY)):
+        terminal_id, (kind, payload) = element
+        state = entity.read()
+        if state is None:
+            _, cells = self._load(terminal_id)
+            state = store.terminal_state(cells)
+        key = store.row_key(store.TERMINAL, terminal_id)
+        if kind == "fb":
+            changed = state.apply_feedback(payload)
+            entity.write(state)
+            if changed:
+                self._feedback.inc()
+            report = Report(payload.reported_at_us, payload.is_fraud, payload.event_time_us)
+            yield beam.pvalue.TaggedOutput(MUTATIONS_TAG, (key, [store.report_cell(payload.transaction_id, report)]))
+            return
+        tx, customer_features = payload
+        terminal_features = state.update(tx)
+        entity.write(state)
+        if terminal_features is None:
+            self._duplicates.inc()
+            return
+        entry = Entry(tx.event_time_us, tx.transaction_id, tx.amount)
+        yield beam.pvalue.TaggedOutput(MUTATIONS_TAG, (key, [store.entry_cell(entry)]))
+        yield FeaturedTransaction(tx, _all_features(tx, customer_features, terminal_features))
+
+
+def _all_features(tx, customer_features: dict, terminal_features: dict) -> dict:
+    from rtml.features import FEATURE_NAMES, transaction_features
+
+    merged = {**transaction_features(tx), **customer_features, **terminal_features}
+    return {name: merged[name] for name in FEATURE_NAMES}
+
+
+class ComputedFeatures(NamedTuple):
+    transactions: beam.PCollection  # FeaturedTransaction
+    mutations: beam.PCollection  # (row_key, [Cell])
+
+
+class ComputeFeatures(beam.PTransform):
+    """Transactions and feedback -> featured transactions, plus the Bigtable mutations they cause."""
+
+    def __init__(self, config: StoreConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, inputs):
+        transactions, feedback = inputs
+        customers = (
+            transactions
+            | "KeyByCustomer" >> beam.Map(lambda tx: (tx.customer_id, tx))
+            | "CustomerFeatures"
+            >> beam.ParDo(CustomerFeaturesFn(self._config))
+            .with_output_types(tuple[str, Any])
+            .with_outputs(MUTATIONS_TAG, main="featured")
+        )
+        reports = feedback | "KeyFeedbackByTerminal" >> beam.Map(lambda fb: (fb.terminal_id, ("fb", fb)))
+        terminals = (
+            (customers.featured, reports)
+            | "MergeTerminalInputs" >> beam.Flatten()
+            | "TerminalFeatures"
+            >> beam.ParDo(TerminalFeaturesFn(self._config))
+            .with_output_types(FeaturedTransaction)
+            .with_outputs(MUTATIONS_TAG, main="featured")
+        )
+        mutations = (customers[MUTATIONS_TAG], terminals[MUTATIONS_TAG]) | "MergeMutations" >> beam.Flatten()
+        return ComputedFeatures(terminals.featured, mutations)
+
+
+class WriteBatchFn(beam.DoFn):
+    """Write one batch of `(row_key, [Cell])` with one Bigtable request (retried with backoff)."""
+
+    def __init__(self, config: StoreConfig):
+        self._config = config
+
+    def setup(self):
+        self._store = store.EntityStore(*self._config)
+        self._rpcs = _counter("bigtable_write_rpcs")
+        self._cells = _counter("bigtable_cells_written")
+
+    def teardown(self):
+        self._store.close()
+
+    def process(self, element):
+        _, batch = element
+        rows: dict[bytes, list] = {}
+        for key, cells in batch:
+            rows.setdefault(key, []).extend(cells)
+        before = self._store.write_rpcs
+        self._store.write(rows)
+        self._rpcs.inc(self._store.write_rpcs - before)
+        self._cells.inc(sum(len(cells) for cells in rows.values()))
+
+
+class WriteEntityCells(beam.PTransform):
+    """Batch mutations (by count or by time) and write each batch in one Bigtable request.
+
+    The buffer lives in Beam state, so a batch survives a worker failure like any other element.
+    """
+
+    def __init__(self, config: StoreConfig, batch_size: int = 500, max_buffering_secs: float = 1.0, shards: int = 2):
+        super().__init__()
+        self._config = config
+        self._batch_size = batch_size
+        self._max_buffering_secs = max_buffering_secs
+        self._shards = shards
+
+    def expand(self, mutations):
+        shards = self._shards
+        return (
+            mutations
+            | "KeyByShard" >> beam.Map(lambda kv: (zlib.crc32(kv[0]) % shards, kv)).with_output_types(tuple[int, Any])
+            | "Batch" >> beam.GroupIntoBatches(self._batch_size, max_buffering_duration_secs=self._max_buffering_secs)
+            | "Write" >> beam.ParDo(WriteBatchFn(self._config))
+        )
+
+
+def state_rows(state, kind: str, entity_id: str):
+    """`(row_key, cells)` for a whole entity state (used to load a backfill's final state)."""
+    return store.row_key(kind, entity_id), store.state_cells(state)
