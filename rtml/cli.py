@@ -163,6 +163,69 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    import tempfile
+    import threading
+    import time
+
+    from tqdm import tqdm
+
+    from beam_pipelines import backfill
+
+    _use_services(args)
+    sizes = []
+    for path in args.input:
+        if not path.startswith("gs://") and not os.path.exists(path):
+            raise CommandError(f"--input {path}: no such file")
+        sizes.append(os.path.getsize(path) if not path.startswith("gs://") else 0)
+    with tempfile.NamedTemporaryFile("w+", suffix=".progress") as progress:
+        argv = [f"--input={path}" for path in args.input]
+        argv += [f"--examples_out={args.examples_out}", f"--shards={args.shards}", f"--project={args.project}"]
+        argv += [f"--bigtable_instance={args.instance}", f"--bigtable_table={args.table}"]
+        argv += [f"--progress_file={progress.name}", *(["--no_state"] if args.no_state else [])]
+        outcome: dict = {}
+
+        def work() -> None:
+            try:
+                result = backfill.run(argv)
+                result.wait_until_finish()
+                outcome["totals"] = backfill.summary(result)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                outcome["error"] = err
+
+        started = time.monotonic()
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        with tqdm(total=sum(sizes) or None, unit="B", unit_scale=True, desc="backfill", file=sys.stderr) as bar:
+            while thread.is_alive():
+                thread.join(0.5)
+                done = sum(int(line) for line in open(progress.name) if line.strip())
+                bar.update(done - bar.n)
+    if "error" in outcome:
+        raise outcome["error"]
+    totals = outcome["totals"]
+    seconds = time.monotonic() - started
+    rejected = sum(v for k, v in totals.items() if k.startswith("rejected_"))
+    _print_kv(
+        f"backfill -> {args.examples_out}",
+        {
+            "lines read": f"{totals.get('lines', 0):,}",
+            "transactions": f"{totals.get('transactions', 0):,}",
+            "feedback events": f"{totals.get('feedback', 0):,}",
+            "rejected lines (see rejected.jsonl)": f"{rejected:,}",
+            "duplicate transactions skipped": f"{totals.get('duplicates', 0):,}",
+            "training examples written": f"{totals.get('examples', 0):,}",
+            "  of which labelled fraud": f"{totals.get('fraud_examples', 0):,}",
+            "entity rows loaded into Bigtable": "skipped"
+            if args.no_state
+            else f"{totals.get('state_rows_written', 0):,}",
+            "seconds": f"{seconds:.1f}",
+            "transactions/s": f"{totals.get('transactions', 0) / seconds:,.0f}",
+        },
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rtml import demo
 
@@ -294,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="stop after this many messages")
     p.add_argument("--idle-timeout", type=_positive_float, help="stop after this many seconds without a message")
     p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser(
+        "backfill",
+        parents=[services],
+        help="batch: features over history -> training examples, and feature state into Bigtable",
+    )
+    p.add_argument("--input", nargs="+", required=True, help="replay files in publication order (local or gs://)")
+    p.add_argument("--examples-out", required=True, help="folder for TFRecord training examples")
+    p.add_argument("--shards", type=int, default=16, help="entity shards and example files (default: %(default)s)")
+    p.add_argument("--table", default=config.FEATURES_TABLE, help="Bigtable feature table (default: %(default)s)")
+    p.add_argument("--no-state", action="store_true", help="do not load the final feature state into Bigtable")
+    p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("demo", parents=[services], help="the whole loop on simulated data, end to end, with a summary")
     p.add_argument("--workdir", default="out/demo", help="where the demo writes its files (default: %(default)s)")

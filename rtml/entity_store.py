@@ -121,9 +121,13 @@ class EntityStore:
     """Batched access to the feature table. Create once per worker (in a DoFn's `setup`)."""
 
     def __init__(self, project: str, instance: str, table: str = config.FEATURES_TABLE):
+        import warnings
+
         from google.cloud import bigtable
 
-        self._client = bigtable.Client(project=project, admin=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator")
+            self._client = bigtable.Client(project=project, admin=False)
         self._table = self._client.instance(instance).table(table)
         self.read_rpcs = 0
         self.write_rpcs = 0
@@ -225,10 +229,10 @@ def _row_cells(row) -> Iterator[tuple[str, bytes, bytes, int]]:
 def _as_datetime(micros: int):
     import datetime as dt
 
-    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=micros)
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=micros)
 
 
 def _as_micros(moment) -> int:
     import datetime as dt
 
-    return (moment - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
+    return (moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)

@@ -144,7 +144,16 @@ FEEDBACK_FIELDS = ("transaction_id", "customer_id", "terminal_id", "event_time",
 
 def parse_transaction(payload: bytes) -> Transaction:
     """Validate a payload of the `transactions` topic."""
-    obj = decode_object(payload)
+    return transaction_from_object(decode_object(payload))
+
+
+def parse_feedback(payload: bytes) -> Feedback:
+    """Validate a payload of the `fraud-feedback` topic."""
+    return feedback_from_object(decode_object(payload))
+
+
+def transaction_from_object(obj: Mapping[str, Any]) -> Transaction:
+    """Validate an already decoded transaction object."""
     _require(obj, TRANSACTION_FIELDS)
     transaction_id = _id(obj, "transaction_id")
     event_time = _string(obj, "event_time")
@@ -155,9 +164,8 @@ def parse_transaction(payload: bytes) -> Transaction:
     return Transaction(transaction_id, event_time, event_time_us, customer_id, terminal_id, amount)
 
 
-def parse_feedback(payload: bytes) -> Feedback:
-    """Validate a payload of the `fraud-feedback` topic."""
-    obj = decode_object(payload)
+def feedback_from_object(obj: Mapping[str, Any]) -> Feedback:
+    """Validate an already decoded feedback object."""
     _require(obj, FEEDBACK_FIELDS)
     transaction_id = _id(obj, "transaction_id")
     customer_id = _id(obj, "customer_id")

@@ -1,26 +1,34 @@
 """The contract's reference features, computed per event from small per-entity states (no Beam here).
 
 A `CustomerState` and a `TerminalState` each hold one entity's recent transactions, sorted by
-event time, in parallel lists. `update` adds a transaction and returns that entity's features;
-`TerminalState.apply_feedback` marks or unmarks a held transaction as fraud. The batch path and
-the streaming path call the same code, so their features agree when events arrive in the same
-order.
+(event time, transaction_id), in parallel arrays (times, ids, amounts) searched with `bisect`.
+`update` adds a transaction and returns that entity's features; `TerminalState.apply_feedback`
+marks or unmarks a held transaction as fraud; `features_for` does both updates and returns all 15
+features. The batch and streaming paths call the same code, so their features agree when events
+arrive in the same order. Window sums are taken over the sorted content, so a state rebuilt from
+`entries()`/`reports()` gives bit-identical features to one that never was.
 
 Semantics (the contract's "Reference features" section fixes the definitions):
 
 * Processing order is the order of `update`/`apply_feedback` calls. A transaction processed late
   (older than transactions already held) is placed at its event time and counts for every
-  transaction processed after it whose window contains it.
+  transaction processed after it whose window contains it; its own features come from what was
+  processed before it (plus itself, for the customer windows).
 * Duplicates: a transaction_id the state already holds is ignored; `update` returns None and
-  changes nothing (the first copy wins, even if the copies differ).
+  changes nothing (the first copy wins, even if the copies differ). `features_for` returns None
+  when the customer holds the id; if only the terminal does (the same id at another customer),
+  the terminal features are computed without adding it again.
 * Feedback: of all reports for one transaction, the one with the greatest `reported_at_us` wins;
   on a tie the one processed last wins. A report for a transaction the terminal does not hold yet
-  is kept as pending and takes effect when that transaction arrives.
-* Retention: `watermark_us` is the greatest event time of the transactions the state has stored.
-  The horizon is `watermark_us - RETENTION_US` (37 days: the longest window plus the delay). A
-  state behaves exactly as if it held only the transactions with event time > horizon, and the
-  reports of those, plus pending reports whose own `event_time_us` > horizon; everything else is
-  forgotten, including the transaction ids used for de-duplication. Consequences:
+  is kept as pending and takes effect when that transaction arrives. `apply_feedback` returns
+  True when the stored reports changed (so the caller knows to persist), False when the report
+  lost to a newer one, repeated the current one, or was dropped (see below).
+* Retention: `watermark_us` is the greatest event time of the transactions the state has stored
+  (feedback does not move it). The horizon is `watermark_us - RETENTION_US` (37 days: the longest
+  window plus the delay). A state behaves exactly as if it held only the transactions with event
+  time > horizon, with their reports, plus the pending reports whose own `event_time_us` (normally
+  their transaction's) > horizon; everything else is forgotten, including the transaction ids used
+  for de-duplication. Consequences:
     - in event-time order (the contract's publication order) nothing needed is ever forgotten:
       the features equal the definitions exactly;
     - a customer feature is still exact for a transaction up to 7 days older than the watermark
@@ -29,16 +37,18 @@ Semantics (the contract's "Reference features" section fixes the definitions):
     - a transaction with event time <= horizon is answered but not stored: its customer windows
       hold only itself (count 1, average = its amount) and its terminal windows are empty (count 0,
       risk 0.0). Its id is not remembered, so a later copy is answered again rather than being
-      reported a duplicate;
+      reported a duplicate (likewise for any copy arriving after the original was forgotten);
     - feedback for a transaction the state does not hold whose `event_time_us` <= horizon is
-      dropped (`apply_feedback` returns False).
-  Transactions older than the horizon are removed eagerly from the logical content (amortised
-  O(1) per transaction); the lists themselves are compacted in batches, and stale pending reports
-  are swept when their number doubles, so memory stays proportional to the retained content.
+      dropped, and a pending report whose `event_time_us` <= horizon when its transaction arrives
+      is not applied.
+  Forgetting is eager for the logical content (amortised O(1) per transaction); the arrays are
+  compacted in batches and stale pending reports are swept when their number doubles, so memory
+  stays proportional to what is retained. The keyword `retention_us` moves the horizon (tests use it).
 """
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -76,7 +86,7 @@ _D7 = 7 * DAY_US
 _D30 = 30 * DAY_US
 _NIGHT_END_US = 7 * HOUR_US  # hours 0..6 inclusive
 _EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
-_COMPACT_AT = 32  # compact the lists once this many pruned slots have piled up (or half of them)
+_COMPACT_AT = 32  # compact the arrays once this many pruned slots have piled up (or half of them)
 _MIN_PENDING_SWEEP = 64
 
 
@@ -132,11 +142,12 @@ class CustomerState:
     __slots__ = ("_times", "_ids", "_amounts", "_start", "_known", "_retention_us", "watermark_us")
 
     def __init__(self, entries: Iterable[Entry] = (), *, retention_us: int = RETENTION_US):
+        """Restore from persisted entries: any order, first copy of an id wins, horizon applied."""
         self._retention_us = _check_retention(retention_us)
         rows = _restore_rows(entries, retention_us)
-        self._times: list[int] = [row[0] for row in rows]
+        self._times = array("q", [row[0] for row in rows])
         self._ids: list[str] = [row[1] for row in rows]
-        self._amounts: list[float] = [row[2] for row in rows]
+        self._amounts = array("d", [row[2] for row in rows])
         self._start = 0  # entries before this index are pruned, awaiting compaction
         self._known: set[str] = set(self._ids)
         self.watermark_us: int | None = self._times[-1] if rows else None
@@ -151,12 +162,13 @@ class CustomerState:
 
     def update(self, tx: Any) -> dict[str, float] | None:
         """Add `tx` and return its 6 customer features (`tx` included); None if a duplicate."""
-        values = self._add(tx.transaction_id, tx.event_time_us, tx.amount)
+        values = self.add(tx.transaction_id, tx.event_time_us, tx.amount)
         if values is None:
             return None
         return dict(zip(CUSTOMER_FEATURES, values, strict=True))
 
-    def _add(self, transaction_id: str, t: int, amount: float) -> tuple | None:
+    def add(self, transaction_id: str, t: int, amount: float) -> tuple | None:
+        """As `update`, from raw values; the feature values in feature-name order, None if a duplicate."""
         known = self._known
         if transaction_id in known:
             return None
@@ -242,11 +254,16 @@ class TerminalState:
         *,
         retention_us: int = RETENTION_US,
     ):
+        """Restore from persisted entries (as `CustomerState`) and report cells.
+
+        `reports` maps transaction_id to its report, or lists (transaction_id, report) cells, of
+        which the one with the greatest reported_at wins (on a tie, the later one).
+        """
         self._retention_us = _check_retention(retention_us)
         rows = _restore_rows(entries, retention_us)
-        self._times: list[int] = [row[0] for row in rows]
+        self._times = array("q", [row[0] for row in rows])
         self._ids: list[str] = [row[1] for row in rows]
-        self._amounts: list[float] = [row[2] for row in rows]
+        self._amounts = array("d", [row[2] for row in rows])
         self._start = 0
         self._known: dict[str, int] = {row[1]: row[0] for row in rows}  # id -> event time
         self.watermark_us: int | None = self._times[-1] if rows else None
@@ -292,7 +309,7 @@ class TerminalState:
 
         None if the terminal already holds this transaction_id.
         """
-        values = self._add(tx.transaction_id, tx.event_time_us, tx.amount)
+        values = self.add(tx.transaction_id, tx.event_time_us, tx.amount)
         if values is None:
             return None
         return dict(zip(TERMINAL_FEATURES, values, strict=True))
@@ -368,7 +385,8 @@ class TerminalState:
             f30 / n30 if n30 else 0.0,
         )
 
-    def _add(self, transaction_id: str, t: int, amount: float) -> tuple | None:
+    def add(self, transaction_id: str, t: int, amount: float) -> tuple | None:
+        """As `update`, from raw values; the feature values in feature-name order, None if a duplicate."""
         known = self._known
         if transaction_id in known:
             return None
@@ -439,27 +457,29 @@ def features_for(tx: Any, customer: CustomerState, terminal: TerminalState) -> d
     transaction_id = tx.transaction_id
     t = tx.event_time_us
     amount = tx.amount
-    c = customer._add(transaction_id, t, amount)
+    c = customer.add(transaction_id, t, amount)
     if c is None:
         return None
-    m = terminal._add(transaction_id, t, amount)
+    m = terminal.add(transaction_id, t, amount)
     if m is None:
         m = terminal._window(t)
+    cn1, ca1, cn7, ca7, cn30, ca30 = c
+    mn1, mr1, mn7, mr7, mn30, mr30 = m
     days, in_day = divmod(t, DAY_US)
     return {
         "amount": float(amount),
         "tx_during_weekend": 1 if (days + _EPOCH_WEEKDAY) % 7 >= 5 else 0,
         "tx_during_night": 1 if in_day < _NIGHT_END_US else 0,
-        "customer_nb_tx_1d": c[0],
-        "customer_avg_amount_1d": c[1],
-        "customer_nb_tx_7d": c[2],
-        "customer_avg_amount_7d": c[3],
-        "customer_nb_tx_30d": c[4],
-        "customer_avg_amount_30d": c[5],
-        "terminal_nb_tx_1d": m[0],
-        "terminal_risk_1d": m[1],
-        "terminal_nb_tx_7d": m[2],
-        "terminal_risk_7d": m[3],
-        "terminal_nb_tx_30d": m[4],
-        "terminal_risk_30d": m[5],
+        "customer_nb_tx_1d": cn1,
+        "customer_avg_amount_1d": ca1,
+        "customer_nb_tx_7d": cn7,
+        "customer_avg_amount_7d": ca7,
+        "customer_nb_tx_30d": cn30,
+        "customer_avg_amount_30d": ca30,
+        "terminal_nb_tx_1d": mn1,
+        "terminal_risk_1d": mr1,
+        "terminal_nb_tx_7d": mn7,
+        "terminal_risk_7d": mr7,
+        "terminal_nb_tx_30d": mn30,
+        "terminal_risk_30d": mr30,
     }

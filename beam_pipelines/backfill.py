@@ -1,0 +1,303 @@
+"""Batch backfill: replay files -> reference features per transaction -> training examples + warm state.
+
+Reads one or more replay files (local paths or gs://), numbers every line by publication order,
+hashes customers and terminals into shards, and runs the same feature core as the streaming
+DoFns over each entity in publication order. Writes
+
+- training examples (`tf.train.Example` in TFRecord shards under `--examples_out`): one per
+  transaction, every reference feature, the label, event time and ids;
+- the final state of every entity into the Bigtable feature table, so a streaming job started
+  afterwards begins warm (skip with `--no_state`);
+- `rejected.jsonl` under `--examples_out`: one record per input line that broke the contract.
+
+    python -m beam_pipelines.backfill --input history.jsonl --examples_out out/examples
+"""
+
+import json
+import logging
+import sys
+import time
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+from apache_beam.runners.runner import PipelineResult
+
+from beam_pipelines import options as opts
+from rtml import entity_store, examples, history
+from transforms.features import StoreConfig
+
+RANGE_BYTES = 16 * 1024 * 1024
+STATE_ROWS_PER_WRITE = 200
+
+
+class BackfillOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--input",
+            action="append",
+            required=True,
+            help="Replay file (JSON Lines, local or gs://); repeat for several, given in publication order.",
+        )
+        parser.add_argument(
+            "--examples_out", required=True, help="Folder for the TFRecord example shards (local or gs://)."
+        )
+        parser.add_argument(
+            "--shards", type=int, default=16, help="Entity shards and example files (default: %(default)s)."
+        )
+        parser.add_argument(
+            "--no_state",
+            action="store_true",
+            help="Do not load the final feature state into Bigtable.",
+        )
+        parser.add_argument(
+            "--progress_file",
+            default=None,
+            help="Local file to which each parsed byte range appends its size (drives `rtml backfill`'s progress bar).",
+        )
+
+
+def _metric(name: str):
+    return Metrics.counter("backfill", name)
+
+
+class SplitFilesFn(beam.DoFn):
+    """Cut each input file into byte ranges `(file_index, path, start, end)` to parse in parallel."""
+
+    def __init__(self, range_bytes: int = RANGE_BYTES):
+        self._range_bytes = range_bytes
+
+    def process(self, indexed_path):
+        index, path = indexed_path
+        matches = FileSystems.match([path])[0].metadata_list
+        if not matches:
+            raise FileNotFoundError(f"--input {path}: no such file")
+        size = matches[0].size_in_bytes
+        for start in range(0, max(size, 1), self._range_bytes):
+            yield index, path, start, min(size, start + self._range_bytes)
+
+
+def lines_in_range(handle, start: int, end: int):
+    """`(offset, line)` of every line that starts in [start, end) of an open binary file.
+
+    A line belongs to the range its first byte falls in, so adjacent ranges never share or
+    lose a line.
+    """
+    position = start
+    if start > 0:
+        handle.seek(start - 1)
+        position = start - 1 + len(handle.readline())  # finish the line that straddles `start`
+    else:
+        handle.seek(0)
+    while position < end:
+        line = handle.readline()
+        if not line:
+            return
+        yield position, line
+        position += len(line)
+
+
+class ParseRangeFn(beam.DoFn):
+    """Parse and validate the lines of one byte range; emit event rows grouped by entity shard."""
+
+    REJECTED = "rejected"
+
+    def __init__(self, shards: int, progress_file: str | None = None):
+        self._shards = shards
+        self._progress_file = progress_file
+
+    def process(self, byte_range):
+        index, path, start, end = byte_range
+        by_customer: dict[int, list] = {}
+        by_terminal: dict[int, list] = {}
+        transactions = feedback = lines = 0
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            for offset, raw in lines_in_range(handle, start, end):
+                lines += 1
+                row = history.parse_line(index, offset, raw)
+                if row is None:
+                    continue
+                if isinstance(row, history.Rejected):
+                    _metric(f"rejected_{row.kind}").inc()
+                    yield beam.pvalue.TaggedOutput(self.REJECTED, row)
+                    continue
+                by_terminal.setdefault(history.shard_of(history.terminal_id(row), self._shards), []).append(row)
+                if history.is_transaction(row):
+                    transactions += 1
+                    by_customer.setdefault(history.shard_of(history.customer_id(row), self._shards), []).append(row)
+                else:
+                    feedback += 1
+        _metric("lines").inc(lines)
+        _metric("transactions").inc(transactions)
+        _metric("feedback").inc(feedback)
+        if self._progress_file:
+            with open(self._progress_file, "a", encoding="utf-8") as progress:
+                progress.write(f"{end - start}\n")
+        for shard, rows in by_customer.items():
+            yield ("c", shard), rows
+        for shard, rows in by_terminal.items():
+            yield ("t", shard), rows
+
+
+class FeaturizeShardFn(beam.DoFn):
+    """Run the core over one entity shard; emit per-transaction-shard results, store the final state."""
+
+    def __init__(self, shards: int, store: StoreConfig | None):
+        self._shards = shards
+        self._store_config = store
+
+    def setup(self):
+        self._store = entity_store.EntityStore(*self._store_config) if self._store_config else None
+
+    def teardown(self):
+        if self._store is not None:
+            self._store.close()
+
+    def process(self, element):
+        (kind, _), parts = element
+        rows = [row for part in parts for row in part]
+        if kind == "c":
+            result = history.customer_shard(rows)
+            _metric("duplicates").inc(result.duplicates)
+            self._save(entity_store.CUSTOMER, result.states)
+        else:
+            result = history.terminal_shard(rows)
+            self._save(entity_store.TERMINAL, result.states)
+        split: dict[int, dict] = {}
+        for tx_id, value in result.features.items():
+            split.setdefault(history.shard_of(tx_id, self._shards), {})[tx_id] = value
+        for shard, part in split.items():
+            yield shard, (kind, part)
+
+    def _save(self, kind: str, states: dict) -> None:
+        if self._store is None:
+            return
+        rows = {}
+        for entity_id, state in states.items():
+            cells = entity_store.state_cells(state)
+            if cells:
+                rows[entity_store.row_key(kind, entity_id)] = cells
+            if len(rows) >= STATE_ROWS_PER_WRITE:
+                self._write(rows)
+                rows = {}
+        if rows:
+            self._write(rows)
+
+    def _write(self, rows: dict) -> None:
+        before = self._store.write_rpcs
+        self._store.write(rows)
+        _metric("bigtable_write_rpcs").inc(self._store.write_rpcs - before)
+        _metric("state_rows_written").inc(len(rows))
+
+
+class JoinShardFn(beam.DoFn):
+    """Join customer and terminal features of one transaction shard into example columns."""
+
+    def process(self, element):
+        shard, parts = element
+        customer: dict = {}
+        terminal: dict = {}
+        for kind, part in parts:
+            (customer if kind == "c" else terminal).update(part)
+        columns = history.join(customer, terminal)
+        _metric("examples").inc(len(columns))
+        _metric("fraud_examples").inc(sum(columns.label))
+        yield shard, columns
+
+
+class WriteExamplesFn(beam.DoFn):
+    """Write one shard of examples as `examples-SSSSS-of-NNNNN.tfrecord` (rewritten whole on retry)."""
+
+    def __init__(self, directory: str, shards: int):
+        self._directory = directory
+        self._shards = shards
+
+    def process(self, element):
+        shard, columns = element
+        name = f"examples-{shard:05d}-of-{self._shards:05d}{examples.FILE_SUFFIX}"
+        path = FileSystems.join(self._directory, name)
+        yield path, examples.write_file(path, examples.encode_columns(columns) if len(columns) else [])
+
+
+class Backfill(NamedTuple):
+    examples: beam.PCollection  # (shard, history.ExampleColumns)
+    rejected: beam.PCollection  # history.Rejected
+    files: beam.PCollection  # (path, count)
+
+
+def build(pipeline: beam.Pipeline, options: PipelineOptions) -> Backfill:
+    args = options.view_as(BackfillOptions)
+    if args.shards < 1:
+        raise ValueError("--shards must be at least 1")
+    store = None if args.no_state else opts.store_config(options)
+    shards = args.shards
+    parsed = (
+        pipeline
+        | "ListInputs" >> beam.Create(list(enumerate(args.input)))
+        | "SplitFiles" >> beam.ParDo(SplitFilesFn())
+        | "Distribute" >> beam.Reshuffle()
+        | "Parse" >> beam.ParDo(ParseRangeFn(shards, args.progress_file)).with_outputs(ParseRangeFn.REJECTED, main="events")
+    )
+    joined = (
+        parsed.events
+        | "GroupByEntityShard" >> beam.GroupByKey()
+        | "Featurize" >> beam.ParDo(FeaturizeShardFn(shards, store))
+        | "GroupByTransactionShard" >> beam.GroupByKey()
+        | "Join" >> beam.ParDo(JoinShardFn())
+    )
+    files = joined | "WriteExamples" >> beam.ParDo(WriteExamplesFn(args.examples_out, shards))
+    rejected = parsed[ParseRangeFn.REJECTED]
+    _ = (
+        rejected
+        | "RejectedToJson"
+        >> beam.Map(lambda r: json.dumps({"input": r.seq[0], "byte_offset": r.seq[1], "kind": r.kind, "error": r.error}))
+        | "WriteRejected"
+        >> beam.io.WriteToText(
+            FileSystems.join(args.examples_out, "rejected"), file_name_suffix=".jsonl", num_shards=1,
+            shard_name_template="",
+        )
+    )
+    return Backfill(joined, rejected, files)
+
+
+def run(argv: list[str] | None = None) -> PipelineResult:
+    """Build and run the backfill (a batch job; on Dataflow this returns once it is submitted)."""
+    options = PipelineOptions(argv)
+    opts.prepare_local_run(options, streaming=False)
+    if opts.is_local(options):
+        direct = options.view_as(DirectOptions)
+        if direct.direct_num_workers in (None, 0, 1):
+            direct.direct_num_workers = 2
+            direct.direct_running_mode = "multi_processing"
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, options)
+    return pipeline.run()
+
+
+def summary(result: PipelineResult) -> dict[str, int]:
+    """The backfill's counters by name."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    counters = result.metrics().query(MetricsFilter().with_namespace("backfill"))["counters"]
+    totals: dict[str, int] = {}
+    for counter in counters:
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + counter.committed
+    return totals
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    result = run(argv)
+    result.wait_until_finish()
+    totals = summary(result)
+    totals["seconds"] = round(time.monotonic() - started, 1)
+    print(json.dumps(totals, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

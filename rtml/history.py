@@ -1,0 +1,197 @@
+"""Feature computation over history, in shards, with the same core as the stream (no Beam here).
+
+The backfill reads replay files, orders every line by publication order (file index, byte
+offset of the line), and hashes entities into shards. Each shard is processed here: its events
+sorted by publication order, one `CustomerState` or `TerminalState` per entity, exactly as the
+streaming DoFns would see them arriving in that order.
+
+Events travel between stages as flat tuples of primitives (Beam encodes those an order of
+magnitude faster than named tuples): a transaction row is `(file, offset, *Transaction)` and a
+feedback row is `(file, offset, *Feedback)`; rows sort by publication order as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from rtml import events
+from rtml.features import CUSTOMER_FEATURES, FEATURE_NAMES, TERMINAL_FEATURES, CustomerState, TerminalState
+
+TX_ROW_LENGTH = 2 + len(events.Transaction._fields)
+FB_ROW_LENGTH = 2 + len(events.Feedback._fields)
+_TX = {name: 2 + i for i, name in enumerate(events.Transaction._fields)}
+
+
+class Rejected(NamedTuple):
+    seq: tuple[int, int]
+    kind: str
+    error: str
+
+
+def shard_of(entity_id: str, shards: int) -> int:
+    return zlib.crc32(entity_id.encode()) % shards
+
+
+def parse_line(file_index: int, offset: int, line: bytes) -> tuple | Rejected | None:
+    """A replay-file line as a transaction or feedback row (validated like a Pub/Sub message)."""
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        if not line.strip():
+            return None
+        return Rejected((file_index, offset), "not_json", f"line: not JSON ({err})")
+    kind = record.get("kind") if isinstance(record, dict) else None
+    event = record.get("event") if kind else None
+    if kind not in ("transaction", "feedback") or not isinstance(event, dict):
+        return Rejected(
+            (file_index, offset), "not_replay_line", 'line: expected {"kind": "transaction"|"feedback", "event": {...}}'
+        )
+    try:
+        if kind == "transaction":
+            return (file_index, offset, *events.transaction_from_object(event))
+        return (file_index, offset, *events.feedback_from_object(event))
+    except events.InvalidMessage as err:
+        return Rejected((file_index, offset), err.kind, str(err))
+
+
+def is_transaction(row: tuple) -> bool:
+    return len(row) == TX_ROW_LENGTH
+
+
+def transaction_of(row: tuple) -> events.Transaction:
+    return events.Transaction(*row[2:])
+
+
+def feedback_of(row: tuple) -> events.Feedback:
+    return events.Feedback(*row[2:])
+
+
+def customer_id(row: tuple) -> str:
+    return row[_TX["customer_id"]] if is_transaction(row) else row[3]
+
+
+def terminal_id(row: tuple) -> str:
+    return row[_TX["terminal_id"]] if is_transaction(row) else row[4]
+
+
+class CustomerResult(NamedTuple):
+    features: dict[str, tuple]  # transaction_id -> values in CUSTOMER_FEATURES order (first copy only)
+    states: dict[str, CustomerState]  # final state per customer
+    duplicates: int
+
+
+def customer_shard(rows: Iterable[tuple]) -> CustomerResult:
+    """Run the customer core over one shard's transaction rows in publication order."""
+    states: dict[str, CustomerState] = {}
+    features: dict[str, tuple] = {}
+    duplicates = 0
+    tx_id_at, time_at, customer_at, amount_at = (
+        _TX["transaction_id"], _TX["event_time_us"], _TX["customer_id"], _TX["amount"],
+    )
+    for row in sorted(rows):
+        state = states.get(row[customer_at])
+        if state is None:
+            state = states[row[customer_at]] = CustomerState()
+        values = state.add(row[tx_id_at], row[time_at], row[amount_at])
+        if values is None:
+            duplicates += 1
+        else:
+            features[row[tx_id_at]] = values
+    return CustomerResult(features, states, duplicates)
+
+
+class TerminalResult(NamedTuple):
+    features: dict[str, tuple]  # transaction_id -> (transaction row, values in TERMINAL_FEATURES order, label)
+    states: dict[str, TerminalState]
+
+
+def terminal_shard(rows: Iterable[tuple]) -> TerminalResult:
+    """Run the terminal core over one shard's transactions and feedback in publication order.
+
+    The label of a transaction is its report in force at the end of the input (the latest
+    `reported_at` wins, so a retraction clears an earlier report): 1 for fraud, else 0.
+    """
+    states: dict[str, TerminalState] = {}
+    features: dict[str, list] = {}
+    latest: dict[str, tuple] = {}
+    tx_id_at, time_at, terminal_at, amount_at = (
+        _TX["transaction_id"], _TX["event_time_us"], _TX["terminal_id"], _TX["amount"],
+    )
+    for row in sorted(rows):
+        if is_transaction(row):
+            state = states.get(row[terminal_at])
+            if state is None:
+                state = states[row[terminal_at]] = TerminalState()
+            values = state.add(row[tx_id_at], row[time_at], row[amount_at])
+            if values is not None:
+                features[row[tx_id_at]] = [row, values, 0]
+            continue
+        fb = feedback_of(row)
+        state = states.get(fb.terminal_id)
+        if state is None:
+            state = states[fb.terminal_id] = TerminalState()
+        state.apply_feedback(fb)
+        previous = latest.get(fb.transaction_id)
+        if previous is None or (fb.reported_at_us, row[:2]) >= previous[:2]:
+            latest[fb.transaction_id] = (fb.reported_at_us, row[:2], fb.is_fraud)
+    for tx_id, (_, _, is_fraud) in latest.items():
+        if is_fraud and tx_id in features:
+            features[tx_id][2] = 1
+    return TerminalResult({tx_id: tuple(value) for tx_id, value in features.items()}, states)
+
+
+class ExampleColumns(NamedTuple):
+    """Training examples of one shard as columns, sorted by event time."""
+
+    transaction_id: list[str]
+    customer_id: list[str]
+    terminal_id: list[str]
+    event_time: list[str]
+    event_time_us: list[int]
+    label: list[int]
+    features: dict[str, list[float]]  # FEATURE_NAMES -> values
+
+    def __len__(self) -> int:
+        return len(self.transaction_id)
+
+    def rows(self) -> list[dict]:
+        """One dict per example (for tests and small outputs)."""
+        out = []
+        for i in range(len(self)):
+            row = {name: getattr(self, name)[i] for name in self._fields if name != "features"}
+            row.update({name: values[i] for name, values in self.features.items()})
+            out.append(row)
+        return out
+
+
+def join(customer: dict[str, tuple], terminal: dict[str, tuple]) -> ExampleColumns:
+    """Columns of the examples of transactions known to both cores, sorted by event time."""
+    from rtml.features import TRANSACTION_FEATURES, transaction_features
+
+    joined = sorted(
+        (value[0][_TX["event_time_us"]], tx_id, value) for tx_id, value in terminal.items() if tx_id in customer
+    )
+    columns = ExampleColumns([], [], [], [], [], [], {name: [] for name in FEATURE_NAMES})
+    feature_columns = columns.features
+    per_transaction = [(name, feature_columns[name]) for name in TRANSACTION_FEATURES]
+    customer_columns = [feature_columns[name] for name in CUSTOMER_FEATURES]
+    terminal_columns = [feature_columns[name] for name in TERMINAL_FEATURES]
+    for event_time_us, tx_id, (row, terminal_values, label) in joined:
+        tx = transaction_of(row)
+        columns.transaction_id.append(tx_id)
+        columns.customer_id.append(tx.customer_id)
+        columns.terminal_id.append(tx.terminal_id)
+        columns.event_time.append(tx.event_time)
+        columns.event_time_us.append(event_time_us)
+        columns.label.append(label)
+        flags = transaction_features(tx)
+        for name, column in per_transaction:
+            column.append(flags[name])
+        for column, value in zip(customer_columns, customer[tx_id], strict=True):
+            column.append(value)
+        for column, value in zip(terminal_columns, terminal_values, strict=True):
+            column.append(value)
+    return columns
