@@ -240,7 +240,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> Backfill:
         | "ListInputs" >> beam.Create(list(enumerate(args.input)))
         | "SplitFiles" >> beam.ParDo(SplitFilesFn())
         | "Distribute" >> beam.Reshuffle()
-        | "Parse" >> beam.ParDo(ParseRangeFn(shards, args.progress_file)).with_outputs(ParseRangeFn.REJECTED, main="events")
+        | "Parse"
+        >> beam.ParDo(ParseRangeFn(shards, args.progress_file)).with_outputs(ParseRangeFn.REJECTED, main="events")
     )
     joined = (
         parsed.events
@@ -254,10 +255,14 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> Backfill:
     _ = (
         rejected
         | "RejectedToJson"
-        >> beam.Map(lambda r: json.dumps({"input": r.seq[0], "byte_offset": r.seq[1], "kind": r.kind, "error": r.error}))
+        >> beam.Map(
+            lambda r: json.dumps({"input": r.seq[0], "byte_offset": r.seq[1], "kind": r.kind, "error": r.error})
+        )
         | "WriteRejected"
         >> beam.io.WriteToText(
-            FileSystems.join(args.examples_out, "rejected"), file_name_suffix=".jsonl", num_shards=1,
+            FileSystems.join(args.examples_out, "rejected"),
+            file_name_suffix=".jsonl",
+            num_shards=1,
             shard_name_template="",
         )
     )

@@ -89,7 +89,10 @@ def customer_shard(rows: Iterable[tuple]) -> CustomerResult:
     features: dict[str, tuple] = {}
     duplicates = 0
     tx_id_at, time_at, customer_at, amount_at = (
-        _TX["transaction_id"], _TX["event_time_us"], _TX["customer_id"], _TX["amount"],
+        _TX["transaction_id"],
+        _TX["event_time_us"],
+        _TX["customer_id"],
+        _TX["amount"],
     )
     for row in sorted(rows):
         state = states.get(row[customer_at])
@@ -118,7 +121,10 @@ def terminal_shard(rows: Iterable[tuple]) -> TerminalResult:
     features: dict[str, list] = {}
     latest: dict[str, tuple] = {}
     tx_id_at, time_at, terminal_at, amount_at = (
-        _TX["transaction_id"], _TX["event_time_us"], _TX["terminal_id"], _TX["amount"],
+        _TX["transaction_id"],
+        _TX["event_time_us"],
+        _TX["terminal_id"],
+        _TX["amount"],
     )
     for row in sorted(rows):
         if is_transaction(row):

@@ -29,6 +29,9 @@ MALFORMED_KINDS = (
 )
 
 
+ORDERING_KEY = "replay"
+
+
 class ReplayFileError(ValueError):
     """A line of a replay file that is not `{"kind": ..., "event": {...}}`."""
 
@@ -185,13 +188,16 @@ def replay(
         raise ValueError("--malformed-rate must be between 0 and 1")
     pacer = Pacer(rate, speedup)
     rng = random.Random(seed)
+    # One ordering key per topic: the client then sends that topic's batches one after another,
+    # so they arrive in file order (concurrent batches can overtake each other).
     publisher = pubsub_v1.PublisherClient(
         batch_settings=pubsub_v1.types.BatchSettings(max_messages=500, max_latency=0.005),
         publisher_options=pubsub_v1.types.PublisherOptions(
+            enable_message_ordering=True,
             flow_control=pubsub_v1.types.PublishFlowControl(
                 message_limit=20_000,
                 limit_exceeded_behavior=pubsub_v1.types.LimitExceededBehavior.BLOCK,
-            )
+            ),
         ),
     )
     topics = {
@@ -213,7 +219,7 @@ def replay(
             pacer.wait(events.parse_timestamp(published_at, "published_at") if speedup else 0)
             topic = topics[line.kind]
             data = json.dumps(line.event, separators=(",", ":")).encode("utf-8")
-            futures.append(publisher.publish(topic, data, **message_attributes(line)))
+            futures.append(publisher.publish(topic, data, ordering_key=ORDERING_KEY, **message_attributes(line)))
             if line.kind == "transaction":
                 stats.transactions += 1
             else:
@@ -221,7 +227,7 @@ def replay(
             if malformed_rate and rng.random() < malformed_rate:
                 kind = MALFORMED_KINDS[sum(stats.malformed.values()) % len(MALFORMED_KINDS)]
                 kind, payload = malformed_payload(kind, line)
-                futures.append(publisher.publish(topic, payload, malformed=kind))
+                futures.append(publisher.publish(topic, payload, ordering_key=ORDERING_KEY, malformed=kind))
                 stats.malformed[kind] += 1
             if len(futures) >= 5_000:
                 _settle(futures)

@@ -35,9 +35,8 @@ def services(tmp_path_factory) -> config.LocalServices:
         emulators.stop(state=state, log=lambda _text: None)
 
 
-@pytest.fixture
-def unique_topics(services):
-    """Fresh topics and `<topic>-sub` subscriptions for one test, so tests never share messages."""
+def make_topics(services) -> dict[str, str]:
+    """Fresh topics and `<topic>-sub` subscriptions, so tests never share messages."""
     from google.cloud import pubsub_v1
 
     suffix = uuid.uuid4().hex[:8]
@@ -56,6 +55,12 @@ def unique_topics(services):
         )
     subscriber.close()
     return names
+
+
+@pytest.fixture
+def unique_topics(services):
+    """Fresh topics for one test."""
+    return make_topics(services)
 
 
 @pytest.fixture

@@ -153,11 +153,7 @@ def test_event_times_lie_within_simulated_days(small_file):
     _, _, records = small_file
     start = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
     end = start + datetime.timedelta(days=SMALL.days)
-    times = [
-        parse_time(r["event"]["event_time"])
-        for r in records
-        if r["kind"] == "transaction"
-    ]
+    times = [parse_time(r["event"]["event_time"]) for r in records if r["kind"] == "transaction"]
     assert min(times) >= start and max(times) < end
     # time of day is centred on noon
     hours = np.array([t.hour + t.minute / 60 for t in times])
@@ -170,16 +166,12 @@ def test_file_is_in_publication_order(small_file):
     for previous, current in itertools.pairwise(keys):
         assert current > previous  # total order: strictly increasing
     # transaction ids are assigned in time order
-    tx_ids = [
-        r["event"]["transaction_id"] for r in records if r["kind"] == "transaction"
-    ]
+    tx_ids = [r["event"]["transaction_id"] for r in records if r["kind"] == "transaction"]
     assert tx_ids == sorted(tx_ids)
 
 
 def test_zero_delay_puts_feedback_right_after_its_transaction(tmp_path):
-    config = SimulationConfig(
-        days=10, customers=300, terminals=600, seed=3, feedback_delay_days=0
-    )
+    config = SimulationConfig(days=10, customers=300, terminals=600, seed=3, feedback_delay_days=0)
     path = tmp_path / "zero.jsonl"
     summary = simulate_to_file(config, path)
     records = read_lines(path)
@@ -191,11 +183,7 @@ def test_zero_delay_puts_feedback_right_after_its_transaction(tmp_path):
             event = record["event"]
             assert event["reported_at"] == event["event_time"]
             # only transactions of the same second, or other feedback, precede
-            seen = {
-                r["event"]["transaction_id"]
-                for r in records[:i]
-                if r["kind"] == "transaction"
-            }
+            seen = {r["event"]["transaction_id"] for r in records[:i] if r["kind"] == "transaction"}
             assert event["transaction_id"] in seen
             break
 
@@ -220,9 +208,7 @@ def check_feedback(records, delay_days: float) -> tuple[int, int]:
         assert event["customer_id"] == tx["customer_id"]
         assert event["terminal_id"] == tx["terminal_id"]
         assert event["event_time"] == tx["event_time"]
-        assert (
-            parse_time(event["reported_at"]) - parse_time(event["event_time"]) == delay
-        )
+        assert parse_time(event["reported_at"]) - parse_time(event["event_time"]) == delay
     ids = [e["transaction_id"] for e in feedback]
     assert len(ids) == len(set(ids)), "one feedback per fraud"
     return len(transactions), len(feedback)
@@ -247,22 +233,16 @@ def test_feedback_count_equals_fraud_transaction_count(mix_run):
 
 def test_feedback_after_last_day_is_written_at_end_of_file(small_file):
     _, _, records = small_file
-    end = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(
-        days=SMALL.days
-    )
+    end = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(days=SMALL.days)
     late = [
-        i
-        for i, r in enumerate(records)
-        if r["kind"] == "feedback" and parse_time(r["event"]["reported_at"]) >= end
+        i for i, r in enumerate(records) if r["kind"] == "feedback" and parse_time(r["event"]["reported_at"]) >= end
     ]
     assert late, "frauds in the last week must produce feedback past the end"
     assert late == list(range(len(records) - len(late), len(records)))
 
 
 def test_fractional_feedback_delay_is_applied_to_the_second(tmp_path):
-    config = SimulationConfig(
-        days=8, customers=300, terminals=600, seed=5, feedback_delay_days=1.5
-    )
+    config = SimulationConfig(days=8, customers=300, terminals=600, seed=5, feedback_delay_days=1.5)
     path = tmp_path / "frac.jsonl"
     summary = simulate_to_file(config, path)
     _, n_fb = check_feedback(read_lines(path), 1.5)
@@ -413,9 +393,7 @@ def dataclasses_frozen_error():
 
 
 def test_custom_start_date_shifts_event_times(tmp_path):
-    config = SimulationConfig(
-        days=2, customers=50, terminals=100, seed=1, start=datetime.date(2025, 12, 31)
-    )
+    config = SimulationConfig(days=2, customers=50, terminals=100, seed=1, start=datetime.date(2025, 12, 31))
     summary = simulate_to_file(config, tmp_path / "start.jsonl")
     assert summary.first_event_time.startswith("2025-12-31T")
     assert summary.last_event_time.startswith("2026-01-01T")

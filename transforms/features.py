@@ -7,6 +7,7 @@ sees a key it loads the entity's row, and every change is sent to `WriteEntityCe
 batches mutations with `GroupIntoBatches` so there are far fewer write RPCs than events.
 """
 
+import logging
 import zlib
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ from rtml import events
 from rtml.features import Entry, Report
 
 MUTATIONS_TAG = "mutations"
+_LOG = logging.getLogger(__name__)
 
 
 class StoreConfig(NamedTuple):
@@ -76,6 +78,7 @@ class CustomerFeaturesFn(_EntityFn):
     def setup(self):
         super().setup()
         self._duplicates = _counter("duplicate_transactions")
+        self._late = _counter("late_transactions")
 
     def process(self, element, entity=beam.DoFn.StateParam(ENTITY)):
         customer_id, tx = element
@@ -85,6 +88,14 @@ class CustomerFeaturesFn(_EntityFn):
             state = store.customer_state(cells)
         else:
             state = cached
+        if state.watermark_us is not None and tx.event_time_us < state.watermark_us:
+            self._late.inc()
+            _LOG.info(
+                "late transaction %s for customer %s: %.3f s behind the customer's latest",
+                tx.transaction_id,
+                customer_id,
+                (state.watermark_us - tx.event_time_us) / 1e6,
+            )
         features = state.update(tx)
         if features is None:
             self._duplicates.inc()
