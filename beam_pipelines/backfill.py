@@ -40,11 +40,11 @@ class BackfillOptions(PipelineOptions):
         parser.add_argument(
             "--input",
             action="append",
-            required=True,
-            help="Replay file (JSON Lines, local or gs://); repeat for several, given in publication order.",
+            default=None,
+            help="Required. Replay file (JSON Lines, local or gs://); repeat for several, given in publication order.",
         )
         parser.add_argument(
-            "--examples_out", required=True, help="Folder for the TFRecord example shards (local or gs://)."
+            "--examples_out", default=None, help="Required. Folder for the TFRecord example shards (local or gs://)."
         )
         parser.add_argument(
             "--shards", type=int, default=16, help="Entity shards and example files (default: %(default)s)."
@@ -231,6 +231,12 @@ class Backfill(NamedTuple):
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> Backfill:
     args = options.view_as(BackfillOptions)
+    # Checked here rather than with argparse's `required`: Beam parses every imported options
+    # class for any pipeline in the process, so a required flag would break the others.
+    if not args.input:
+        raise ValueError("--input is required: one or more replay files (local paths or gs://)")
+    if not args.examples_out:
+        raise ValueError("--examples_out is required: the folder for the TFRecord examples")
     if args.shards < 1:
         raise ValueError("--shards must be at least 1")
     store = None if args.no_state else opts.store_config(options)

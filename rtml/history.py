@@ -12,7 +12,6 @@ feedback row is `(file, offset, *Feedback)`; rows sort by publication order as t
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -36,20 +35,22 @@ def shard_of(entity_id: str, shards: int) -> int:
 
 
 def parse_line(file_index: int, offset: int, line: bytes) -> tuple | Rejected | None:
-    """A replay-file line as a transaction or feedback row (validated like a Pub/Sub message)."""
+    """A replay-file line as a transaction or feedback row (validated like a Pub/Sub message).
+
+    The line goes through the same checks as a message body (size, UTF-8, JSON, object), then
+    the event through the contract's rules, so a line gets the verdict its event would get.
+    """
+    if not line.strip():
+        return None
     try:
-        record = json.loads(line)
-    except ValueError as err:
-        if not line.strip():
-            return None
-        return Rejected((file_index, offset), "not_json", f"line: not JSON ({err})")
-    kind = record.get("kind") if isinstance(record, dict) else None
-    event = record.get("event") if kind else None
-    if kind not in ("transaction", "feedback") or not isinstance(event, dict):
-        return Rejected(
-            (file_index, offset), "not_replay_line", 'line: expected {"kind": "transaction"|"feedback", "event": {...}}'
-        )
-    try:
+        record = events.decode_object(line)
+        kind, event = record.get("kind"), record.get("event")
+        if kind not in ("transaction", "feedback") or not isinstance(event, dict):
+            return Rejected(
+                (file_index, offset),
+                "not_replay_line",
+                'line: expected {"kind": "transaction"|"feedback", "event": {...}}',
+            )
         if kind == "transaction":
             return (file_index, offset, *events.transaction_from_object(event))
         return (file_index, offset, *events.feedback_from_object(event))
@@ -99,7 +100,7 @@ def customer_shard(rows: Iterable[tuple]) -> CustomerResult:
         if state is None:
             state = states[row[customer_at]] = CustomerState()
         values = state.add(row[tx_id_at], row[time_at], row[amount_at])
-        if values is None:
+        if values is None or row[tx_id_at] in features:  # a duplicate id, here or at another customer
             duplicates += 1
         else:
             features[row[tx_id_at]] = values
@@ -132,7 +133,7 @@ def terminal_shard(rows: Iterable[tuple]) -> TerminalResult:
             if state is None:
                 state = states[row[terminal_at]] = TerminalState()
             values = state.add(row[tx_id_at], row[time_at], row[amount_at])
-            if values is not None:
+            if values is not None and row[tx_id_at] not in features:  # the first copy of an id wins
                 features[row[tx_id_at]] = [row, values, 0]
             continue
         fb = feedback_of(row)
