@@ -11,7 +11,6 @@ the feature engine's own tests.
 """
 
 import json
-import logging
 import sys
 from typing import NamedTuple
 
@@ -81,19 +80,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> FeaturizePipelin
 
 def run(argv: list[str] | None = None) -> PipelineResult:
     """Build and start the pipeline; returns without waiting (streaming runs until cancelled)."""
-    options = PipelineOptions(argv)
-    opts.prepare_local_run(options, streaming=True)
-    pipeline = beam.Pipeline(options=options)
-    build(pipeline, options)
-    return pipeline.run()
-
-
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(argv)
-    if opts.is_local(PipelineOptions(argv)):
-        result.wait_until_finish()
+    return opts.run_streaming(build, argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    opts.streaming_main(build, sys.argv[1:])

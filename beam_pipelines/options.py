@@ -96,6 +96,25 @@ def store_config(options: PipelineOptions):
     return StoreConfig(project_of(options), bigtable.bigtable_instance, bigtable.bigtable_table)
 
 
+def run_streaming(build, argv: list[str] | None = None):
+    """Build a streaming pipeline with `build(pipeline, options)` and start it without waiting."""
+    import apache_beam as beam
+
+    options = PipelineOptions(argv)
+    prepare_local_run(options, streaming=True)
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, options)
+    return pipeline.run()
+
+
+def streaming_main(build, argv: list[str] | None = None) -> None:
+    """Command-line entry of a streaming pipeline: locally it runs until interrupted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run_streaming(build, argv)
+    if is_local(PipelineOptions(argv)):
+        result.wait_until_finish()
+
+
 def is_local(options: PipelineOptions) -> bool:
     runner = options.view_as(StandardOptions).runner
     return runner is None or (isinstance(runner, str) and runner.lower() in LOCAL_RUNNERS)

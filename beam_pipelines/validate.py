@@ -9,7 +9,6 @@ tests use it, and it is the passthrough baseline of the benchmarks.
 """
 
 import json
-import logging
 import sys
 from typing import NamedTuple
 
@@ -65,20 +64,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ValidatePipeline
 
 def run(argv: list[str] | None = None) -> PipelineResult:
     """Build and start the pipeline; returns without waiting (streaming runs until cancelled)."""
-    options = PipelineOptions(argv)
-    opts.prepare_local_run(options, streaming=True)
-    pipeline = beam.Pipeline(options=options)
-    build(pipeline, options)
-    return pipeline.run()
-
-
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = PipelineOptions(argv)
-    result = run(argv)
-    if opts.is_local(options):
-        result.wait_until_finish()
+    return opts.run_streaming(build, argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    opts.streaming_main(build, sys.argv[1:])

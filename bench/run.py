@@ -100,9 +100,9 @@ def bench_backfill(services, repeat: int) -> dict:
 def bench_streaming_rpcs(services) -> dict:
     """Warm start from a backfill of week 1, stream week 2, count Bigtable RPCs from the pipeline's metrics."""
     from beam_pipelines import featurize
-    from rtml import config, emulators, entity_store, pubsub_tools
+    from rtml import emulators, entity_store, pubsub_tools
     from tests.conftest import make_topics
-    from tests.feature_runs import run_backfill, write_replay
+    from tests.feature_runs import featurize_args, run_backfill, write_replay
 
     path = simulated("two_weeks", days=14, customers=500, terminals=1000, seed=7)
     lines = list(pubsub_tools.read_replay(path))
@@ -118,16 +118,8 @@ def bench_streaming_rpcs(services) -> dict:
     run_backfill(services, [first], work / "examples", table=table)
     topics = make_topics(services)
     project = services.project
-    argv = [
-        f"--project={project}",
-        f"--bigtable_table={table}",
-        f"--transactions_subscription={config.subscription_path(project, topics['transactions'] + '-sub')}",
-        f"--feedback_subscription={config.subscription_path(project, topics['fraud-feedback'] + '-sub')}",
-        f"--dead_letter_topic={config.topic_path(project, topics['dead-letter'])}",
-        f"--output_topic={config.topic_path(project, topics['features'])}",
-    ]
     entity_store.PROCESS_RPCS.clear()
-    result = featurize.run(argv)
+    result = featurize.run(featurize_args(services, topics, table))
 
     def counters() -> dict:
         """Bigtable requests of this process's feature DoFns (the job runs in-process)."""

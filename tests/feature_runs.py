@@ -38,22 +38,26 @@ def new_table(services, name: str) -> str:
     return name
 
 
+def featurize_args(services, topics: dict, table: str) -> list[str]:
+    """Options for `beam_pipelines.featurize` on the given topics and feature table."""
+    project = services.project
+    return [
+        f"--project={project}",
+        f"--bigtable_table={table}",
+        f"--transactions_subscription={config.subscription_path(project, topics['transactions'] + '-sub')}",
+        f"--feedback_subscription={config.subscription_path(project, topics['fraud-feedback'] + '-sub')}",
+        f"--dead_letter_topic={config.topic_path(project, topics['dead-letter'])}",
+        f"--output_topic={config.topic_path(project, topics['features'])}",
+    ]
+
+
 class StreamingJob:
     """`python -m beam_pipelines.featurize` on its own topics and feature table."""
 
     def __init__(self, services, topics: dict, table: str, log_path):
-        project = services.project
         self.services = services
         self.topics = topics
-        args = [
-            f"--project={project}",
-            f"--bigtable_table={table}",
-            f"--transactions_subscription={config.subscription_path(project, topics['transactions'] + '-sub')}",
-            f"--feedback_subscription={config.subscription_path(project, topics['fraud-feedback'] + '-sub')}",
-            f"--dead_letter_topic={config.topic_path(project, topics['dead-letter'])}",
-            f"--output_topic={config.topic_path(project, topics['features'])}",
-        ]
-        self.process = PipelineProcess("beam_pipelines.featurize", args, log_path)
+        self.process = PipelineProcess("beam_pipelines.featurize", featurize_args(services, topics, table), log_path)
 
     def __enter__(self):
         self.process.start()
