@@ -112,7 +112,11 @@ def streaming_main(build, argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run_streaming(build, argv)
     if is_local(PipelineOptions(argv)):
-        result.wait_until_finish()
+        try:
+            result.wait_until_finish()
+        except KeyboardInterrupt:
+            _LOG.info("interrupted: stopping the pipeline")
+            result.cancel()
 
 
 def is_local(options: PipelineOptions) -> bool:

@@ -58,13 +58,78 @@ class _EntityFn(beam.DoFn):
     def teardown(self):
         self._store.close()
 
-    def _load(self, entity_id: str):
+    def _load(self, entity_id: str, attached):
+        """The stored row of an entity: the one `LoadEntitiesFn` attached, else one read."""
+        if attached is not None:
+            return attached
         key = store.row_key(self._kind, entity_id)
         self._read_rpcs.inc()
         cells = self._store.load([key]).get(key)
         if cells is not None:
             self._loaded.inc()
-        return key, cells
+        return cells
+
+
+class LoadEntitiesFn(beam.DoFn):
+    """Attach the stored rows of entities this worker has not loaded yet: one read per bundle.
+
+    Elements leave as `(event, customer_row, terminal_row)`; a row is an `EntityCells` (empty when
+    Bigtable has none) for a key first seen in this bundle, else None. The stateful DoFns use an
+    attached row only while their state for that key is empty, and read the row themselves if
+    none is attached, so this step saves requests without being needed for correctness.
+    """
+
+    def __init__(self, config: StoreConfig, remembered_keys: int = 1_000_000):
+        self._config = config
+        self._remembered_keys = remembered_keys
+
+    def setup(self):
+        self._store = store.EntityStore(*self._config)
+        self._known: dict[bytes, None] = {}
+        self._read_rpcs = _counter("bigtable_read_rpcs")
+        self._batched = _counter("rows_loaded_in_batches")
+
+    def teardown(self):
+        self._store.close()
+
+    def start_bundle(self):
+        self._pending = []
+
+    def process(self, event, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        self._pending.append((event, timestamp, window))
+
+    def finish_bundle(self):
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        wanted = {}
+        for event, _, _ in self._pending:
+            for key in _entity_keys(event):
+                if key is not None and key not in self._known:
+                    wanted[key] = None
+        rows = {}
+        if wanted:
+            self._read_rpcs.inc()
+            rows = self._store.load(wanted)
+            self._batched.inc(len(wanted))
+            for key in wanted:
+                self._known[key] = None
+            while len(self._known) > self._remembered_keys:
+                self._known.pop(next(iter(self._known)))
+        for event, timestamp, window in self._pending:
+            customer_key, terminal_key = _entity_keys(event)
+            attached = tuple(
+                (rows.get(key) or store.EntityCells()) if key in wanted else None
+                for key in (customer_key, terminal_key)
+            )
+            yield WindowedValue((event, *attached), timestamp, [window])
+        self._pending = []
+
+
+def _entity_keys(event) -> tuple:
+    terminal_key = store.row_key(store.TERMINAL, event.terminal_id)
+    if isinstance(event, events.Transaction):
+        return store.row_key(store.CUSTOMER, event.customer_id), terminal_key
+    return None, terminal_key
 
 
 class CustomerFeaturesFn(_EntityFn):
@@ -81,11 +146,10 @@ class CustomerFeaturesFn(_EntityFn):
         self._late = _counter("late_transactions")
 
     def process(self, element, entity=beam.DoFn.StateParam(ENTITY)):
-        customer_id, tx = element
+        customer_id, (tx, customer_row, terminal_row) = element
         cached = entity.read()
         if cached is None:
-            _, cells = self._load(customer_id)
-            state = store.customer_state(cells)
+            state = store.customer_state(self._load(customer_id, customer_row))
         else:
             state = cached
         if state.watermark_us is not None and tx.event_time_us < state.watermark_us:
@@ -107,7 +171,7 @@ class CustomerFeaturesFn(_EntityFn):
         yield beam.pvalue.TaggedOutput(
             MUTATIONS_TAG, (store.row_key(store.CUSTOMER, customer_id), [store.entry_cell(entry)])
         )
-        yield tx.terminal_id, ("tx", (tx, features))
+        yield tx.terminal_id, ("tx", (tx, features, terminal_row))
 
 
 class TerminalFeaturesFn(_EntityFn):
@@ -125,10 +189,13 @@ class TerminalFeaturesFn(_EntityFn):
 
     def process(self, element, entity=beam.DoFn.StateParam(ENTITY)):
         terminal_id, (kind, payload) = element
+        if kind == "fb":
+            payload, _, row = payload
+        else:
+            tx, customer_features, row = payload
         state = entity.read()
         if state is None:
-            _, cells = self._load(terminal_id)
-            state = store.terminal_state(cells)
+            state = store.terminal_state(self._load(terminal_id, row))
         key = store.row_key(store.TERMINAL, terminal_id)
         if kind == "fb":
             changed = state.apply_feedback(payload)
@@ -138,7 +205,6 @@ class TerminalFeaturesFn(_EntityFn):
             report = Report(payload.reported_at_us, payload.is_fraud, payload.event_time_us)
             yield beam.pvalue.TaggedOutput(MUTATIONS_TAG, (key, [store.report_cell(payload.transaction_id, report)]))
             return
-        tx, customer_features = payload
         terminal_features = state.update(tx)
         entity.write(state)
         if terminal_features is None:
@@ -172,13 +238,19 @@ class ComputeFeatures(beam.PTransform):
         transactions, feedback = inputs
         customers = (
             transactions
-            | "KeyByCustomer" >> beam.Map(lambda tx: (tx.customer_id, tx))
+            | "LoadTransactionEntities" >> beam.ParDo(LoadEntitiesFn(self._config))
+            | "KeyByCustomer"
+            >> beam.Map(lambda loaded: (loaded[0].customer_id, loaded)).with_output_types(tuple[str, Any])
             | "CustomerFeatures"
             >> beam.ParDo(CustomerFeaturesFn(self._config))
             .with_output_types(tuple[str, Any])
             .with_outputs(MUTATIONS_TAG, main="featured")
         )
-        reports = feedback | "KeyFeedbackByTerminal" >> beam.Map(lambda fb: (fb.terminal_id, ("fb", fb)))
+        reports = (
+            feedback
+            | "LoadFeedbackEntities" >> beam.ParDo(LoadEntitiesFn(self._config))
+            | "KeyFeedbackByTerminal" >> beam.Map(lambda loaded: (loaded[0].terminal_id, ("fb", loaded)))
+        )
         terminals = (
             (customers.featured, reports)
             | "MergeTerminalInputs" >> beam.Flatten()
