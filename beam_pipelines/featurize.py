@@ -25,16 +25,6 @@ from transforms.features import ComputeFeatures, FeaturedTransaction, WriteEntit
 from transforms.validation import ReadEvents, WriteDeadLetters
 
 
-class FeaturizeOptions(PipelineOptions):
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument(
-            "--output_topic",
-            default=None,
-            help=f"Topic for featured transactions, projects/P/topics/T (default: the project's {config.FEATURES_TOPIC}).",
-        )
-
-
 class FeaturizePipeline(NamedTuple):
     featured: beam.PCollection
     dead_letters: beam.PCollection
@@ -60,9 +50,7 @@ def feature_message(item) -> PubsubMessage:
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> FeaturizePipeline:
     io = opts.resolve_streaming_io(options)
-    output = options.view_as(FeaturizeOptions)
-    if output.output_topic is None:
-        output.output_topic = config.topic_path(opts.project_of(options), config.FEATURES_TOPIC)
+    output_topic = opts.resolve_output_topic(options, config.FEATURES_TOPIC)
     store = opts.store_config(options)
     inputs = pipeline | "ReadEvents" >> ReadEvents(
         io.transactions_subscription, io.feedback_subscription, io.id_label, io.timestamp_attribute
@@ -72,7 +60,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> FeaturizePipelin
     _ = (
         computed.transactions
         | "ToMessage" >> beam.Map(feature_message)
-        | "PublishFeatures" >> WriteToPubSub(output.output_topic, with_attributes=True)
+        | "PublishFeatures" >> WriteToPubSub(output_topic, with_attributes=True)
     )
     _ = inputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(io.dead_letter_topic)
     return FeaturizePipeline(computed.transactions, inputs.dead_letters)

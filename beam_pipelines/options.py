@@ -71,6 +71,29 @@ class StreamingIOOptions(PipelineOptions):
         )
 
 
+class OutputTopicOptions(PipelineOptions):
+    """The topic a streaming pipeline publishes its results to (one flag shared by all of them:
+    Beam parses every imported options class, so two classes may not both define it)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--output_topic",
+            default=None,
+            help="Topic for the pipeline's results, projects/P/topics/T (default: the project's topic for "
+            f"the pipeline: {config.VALIDATED_TOPIC} for validate, {config.FEATURES_TOPIC} for featurize).",
+        )
+
+
+def resolve_output_topic(options: PipelineOptions, default_topic: str) -> str:
+    """`--output_topic`, or the project's `default_topic`; checked for shape."""
+    output = options.view_as(OutputTopicOptions)
+    if output.output_topic is None:
+        output.output_topic = config.topic_path(project_of(options), default_topic)
+    _check_path("output_topic", output.output_topic, "topics")
+    return output.output_topic
+
+
 class BigtableOptions(PipelineOptions):
     """The Bigtable table holding per-entity feature state."""
 

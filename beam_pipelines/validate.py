@@ -22,16 +22,6 @@ from rtml import config, events
 from transforms.validation import ReadEvents, WriteDeadLetters
 
 
-class ValidateOptions(PipelineOptions):
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument(
-            "--output_topic",
-            default=None,
-            help=f"Topic for accepted events, projects/P/topics/T (default: the project's {config.VALIDATED_TOPIC}).",
-        )
-
-
 class ValidatePipeline(NamedTuple):
     transactions: beam.PCollection
     feedback: beam.PCollection
@@ -46,9 +36,7 @@ def event_message(event: events.Transaction | events.Feedback) -> PubsubMessage:
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ValidatePipeline:
     io = opts.resolve_streaming_io(options)
-    output = options.view_as(ValidateOptions)
-    if output.output_topic is None:
-        output.output_topic = config.topic_path(opts.project_of(options), config.VALIDATED_TOPIC)
+    output_topic = opts.resolve_output_topic(options, config.VALIDATED_TOPIC)
     inputs = pipeline | "ReadEvents" >> ReadEvents(
         io.transactions_subscription, io.feedback_subscription, io.id_label, io.timestamp_attribute
     )
@@ -56,7 +44,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ValidatePipeline
         (inputs.transactions, inputs.feedback)
         | "FlattenEvents" >> beam.Flatten()
         | "ToMessage" >> beam.Map(event_message)
-        | "PublishEvents" >> WriteToPubSub(output.output_topic, with_attributes=True)
+        | "PublishEvents" >> WriteToPubSub(output_topic, with_attributes=True)
     )
     _ = inputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(io.dead_letter_topic)
     return ValidatePipeline(inputs.transactions, inputs.feedback, inputs.dead_letters)

@@ -121,25 +121,17 @@ def terminal_shard(rows: Iterable[tuple]) -> TerminalResult:
     states: dict[str, TerminalState] = {}
     features: dict[str, list] = {}
     latest: dict[str, tuple] = {}
-    tx_id_at, time_at, terminal_at, amount_at = (
-        _TX["transaction_id"],
-        _TX["event_time_us"],
-        _TX["terminal_id"],
-        _TX["amount"],
-    )
+    tx_id_at, time_at, amount_at = _TX["transaction_id"], _TX["event_time_us"], _TX["amount"]
     for row in sorted(rows):
+        state = states.get(row_terminal := terminal_id(row))
+        if state is None:
+            state = states[row_terminal] = TerminalState()
         if is_transaction(row):
-            state = states.get(row[terminal_at])
-            if state is None:
-                state = states[row[terminal_at]] = TerminalState()
             values = state.add(row[tx_id_at], row[time_at], row[amount_at])
             if values is not None and row[tx_id_at] not in features:  # the first copy of an id wins
                 features[row[tx_id_at]] = [row, values, 0]
             continue
         fb = feedback_of(row)
-        state = states.get(fb.terminal_id)
-        if state is None:
-            state = states[fb.terminal_id] = TerminalState()
         state.apply_feedback(fb)
         previous = latest.get(fb.transaction_id)
         if previous is None or (fb.reported_at_us, row[:2]) >= previous[:2]:

@@ -83,7 +83,7 @@ def test_down_stops_exactly_the_recorded_processes_and_never_by_name(tmp_path):
             deadline = time.monotonic() + 10
             while os.path.exists(f"/proc/{record['pid']}") and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert not os.path.exists(f"/proc/{record['pid']}") or _zombie(record["pid"])
+            assert not os.path.exists(f"/proc/{record['pid']}") or emulators._is_zombie(record["pid"])
         assert decoy.poll() is None
         assert not (tmp_path / emulators.STATE_FILE).exists()
         assert emulators.stop(state=tmp_path, log=lambda _t: None) == []
@@ -101,10 +101,6 @@ def test_down_does_not_signal_a_recycled_pid(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
-
-
-def _zombie(pid: int) -> bool:
-    return emulators._is_zombie(pid)
 
 
 def test_missing_components_are_named_with_how_to_install(tmp_path):

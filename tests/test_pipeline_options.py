@@ -101,3 +101,19 @@ def test_shortened_pulls_are_installed_on_the_direct_runner_reader_once():
     assert opts.shorten_emulator_pulls() is True
     assert _PubSubReadEvaluator.__dict__["_get_subscriber_client"] is installed
     assert getattr(installed.__func__, "_rtml_short_pull", False)
+
+
+def test_every_pipeline_module_can_be_imported_in_one_process_and_its_options_parsed(clean_env):
+    import beam_pipelines.backfill  # noqa: F401
+    import beam_pipelines.featurize  # noqa: F401
+    import beam_pipelines.validate  # noqa: F401
+    from rtml import config
+
+    options = PipelineOptions([])
+    opts.prepare_local_run(options, streaming=True)
+    assert options.get_all_options()["output_topic"] is None
+    assert opts.resolve_output_topic(options, config.FEATURES_TOPIC) == "projects/rtml-local/topics/features"
+    explicit = PipelineOptions(["--output_topic=projects/p/topics/mine"])
+    assert opts.resolve_output_topic(explicit, config.VALIDATED_TOPIC) == "projects/p/topics/mine"
+    with pytest.raises(ValueError, match="projects/PROJECT/topics/NAME"):
+        opts.resolve_output_topic(PipelineOptions(["--output_topic=mine"]), config.VALIDATED_TOPIC)

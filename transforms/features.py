@@ -96,14 +96,14 @@ class LoadEntitiesFn(beam.DoFn):
         self._pending = []
 
     def process(self, event, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
-        self._pending.append((event, timestamp, window))
+        self._pending.append((event, _entity_keys(event), timestamp, window))
 
     def finish_bundle(self):
         from apache_beam.utils.windowed_value import WindowedValue
 
         wanted = {}
-        for event, _, _ in self._pending:
-            for key in _entity_keys(event):
+        for _, keys, _, _ in self._pending:
+            for key in keys:
                 if key is not None and key not in self._known:
                     wanted[key] = None
         rows = {}
@@ -115,12 +115,8 @@ class LoadEntitiesFn(beam.DoFn):
                 self._known[key] = None
             while len(self._known) > self._remembered_keys:
                 self._known.pop(next(iter(self._known)))
-        for event, timestamp, window in self._pending:
-            customer_key, terminal_key = _entity_keys(event)
-            attached = tuple(
-                (rows.get(key) or store.EntityCells()) if key in wanted else None
-                for key in (customer_key, terminal_key)
-            )
+        for event, keys, timestamp, window in self._pending:
+            attached = tuple((rows.get(key) or store.EntityCells()) if key in wanted else None for key in keys)
             yield WindowedValue((event, *attached), timestamp, [window])
         self._pending = []
 
@@ -309,8 +305,3 @@ class WriteEntityCells(beam.PTransform):
             | "Batch" >> beam.GroupIntoBatches(self._batch_size, max_buffering_duration_secs=self._max_buffering_secs)
             | "Write" >> beam.ParDo(WriteBatchFn(self._config))
         )
-
-
-def state_rows(state, kind: str, entity_id: str):
-    """`(row_key, cells)` for a whole entity state (used to load a backfill's final state)."""
-    return store.row_key(kind, entity_id), store.state_cells(state)
