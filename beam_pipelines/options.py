@@ -275,3 +275,16 @@ def _export(env_name: str, host: str | None) -> None:
         os.environ.pop(env_name, None)
     else:
         os.environ[env_name] = host
+
+
+class ModelDirOptions(PipelineOptions):
+    """Where exported model versions live (one flag shared by training and scoring)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--model_dir",
+            default=None,
+            help="Folder of exported model versions, local or gs://; each version is a sub-folder "
+            "<version>/ with saved_model/, report/ and metadata.json. Required.",
+        )

@@ -226,6 +226,92 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from beam_pipelines import train
+
+    if "://" not in args.examples and not os.path.isdir(args.examples):
+        raise CommandError(f"--examples {args.examples}: no such folder (write it with `rtml backfill`)")
+    argv = [
+        f"--examples={args.examples}",
+        f"--train_start={args.train_start}",
+        f"--train_end={args.train_end}",
+        f"--model_dir={args.model_dir}",
+        f"--validation_days={args.validation_days}",
+        f"--model_type={args.model_type}",
+        f"--epochs={args.epochs}",
+        f"--seed={args.seed}",
+        f"--review_rate={args.review_rate}",
+        f"--decline_precision={args.decline_precision}",
+        *([f"--model_version={args.version}"] if args.version else []),
+    ]
+    print("analyzing the training window with tf.Transform (Beam), then training ...", file=sys.stderr)
+    try:
+        metadata = train.run(argv, verbose=0 if args.quiet else 2)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    validation = metadata["validation_metrics"]
+    thresholds = metadata["thresholds"]
+    examples = metadata["examples"]
+    _print_kv(
+        f"model version {metadata['version']}",
+        {
+            "exported to": metadata["path"],
+            "training window": f"{args.train_start} .. {args.train_end} (validation from {metadata['training_window']['validation_start']})",
+            "training examples (frauds)": f"{examples['train']:,} ({examples['train_positives']:,})",
+            "validation examples (frauds)": f"{examples['validation']:,} ({examples['validation_positives']:,})",
+            "epochs (best)": f"{metadata['model']['epochs_run']} ({metadata['model']['best_epoch']})",
+            "validation AUC ROC": f"{validation['auc_roc']:.4f}",
+            "validation average precision": f"{validation['average_precision']:.4f}",
+            "validation card precision@100": f"{validation['card_precision_at_100']:.4f}",
+            "review threshold (alert rate, precision)": f"{thresholds['review']:.4f} ({validation['review']['alert_rate']:.2%}, {validation['review']['precision']:.2%})",
+            "decline threshold (alert rate, precision)": f"{thresholds['decline']:.4f} ({validation['decline']['alert_rate']:.2%}, {validation['decline']['precision']:.2%})",
+            "report": f"{metadata['path']}/report/summary.md",
+            "seconds (analyze, train + export)": f"{metadata['timings_s']['analyze']}, {metadata['timings_s']['train_and_export']}",
+        },
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from rtml import evaluate
+
+    for flag, path in (("--insights", args.insights), ("--feedback", args.feedback)):
+        if not os.path.isfile(path):
+            raise CommandError(f"{flag} {path}: no such file")
+    try:
+        report = evaluate.evaluate(args.insights, args.feedback, k=args.k)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+
+    def metric(name: str) -> str:
+        value = report[name]
+        if value is not None:
+            return f"{value:.4f}"
+        return "undefined: no fraud among scored" if report["frauds"] == 0 else "undefined: every scored is fraud"
+
+    _print_kv(
+        f"evaluation of {args.insights}",
+        {
+            "insights scored": f"{report['insights']:,}",
+            "duplicate insights ignored": f"{report['duplicates_ignored']:,}",
+            "frauds among scored": f"{report['frauds']:,}",
+            "fraud rate": f"{report['fraud_rate']:.3%}",
+            "AUC ROC": metric("auc_roc"),
+            "average precision": metric("average_precision"),
+            f"card precision@{args.k} (mean of {report['days']:,} days)": metric(f"card_precision_at_{args.k}"),
+            "reports without insight": f"{report['reports_without_insight']:,}",
+        },
+    )
+    line = json.dumps(report)
+    print(line)
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as out:
+            out.write(line + "\n")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rtml import demo
 
@@ -369,6 +455,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=config.FEATURES_TABLE, help="Bigtable feature table (default: %(default)s)")
     p.add_argument("--no-state", action="store_true", help="do not load the final feature state into Bigtable")
     p.set_defaults(func=cmd_backfill)
+
+    p = sub.add_parser(
+        "train", help="tf.Transform + Keras training on backfill examples; exports a new model version"
+    )
+    p.add_argument("--examples", required=True, help="folder of training examples written by `rtml backfill`")
+    p.add_argument("--train-start", required=True, type=_date, help="first day of the training window (YYYY-MM-DD, UTC)")
+    p.add_argument("--train-end", required=True, type=_date, help="last day of the training window, inclusive")
+    p.add_argument("--model-dir", required=True, help="folder of model versions; the new one goes to MODEL_DIR/<version>/")
+    p.add_argument(
+        "--validation-days", type=int, default=2, help="last days of the window held out for early stopping and thresholds (default: %(default)s)"
+    )
+    p.add_argument("--model-type", choices=("mlp", "logistic"), default="mlp", help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=40, help="at most this many epochs (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    p.add_argument(
+        "--review-rate", type=float, default=0.02, help="share of validation transactions sent to review or above (default: %(default)s)"
+    )
+    p.add_argument(
+        "--decline-precision", type=float, default=0.8, help="validation precision required to decline (default: %(default)s)"
+    )
+    p.add_argument("--version", help="version name (default: the UTC time, YYYYMMDD-HHMMSS)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate", help="AUC ROC, average precision and card precision@k of scored insights against fraud feedback"
+    )
+    p.add_argument("--insights", required=True, help="insights file, one JSON object per line (`rtml tail --out`)")
+    p.add_argument(
+        "--feedback", required=True, help="fraud feedback as JSON Lines, or a replay file (only its feedback is used)"
+    )
+    p.add_argument(
+        "--k", type=int, default=100, help="cards investigated per day for card precision@k (default: %(default)s)"
+    )
+    p.add_argument("--json-out", help="also write the JSON report to this file")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", parents=[services], help="the whole loop on simulated data, end to end, with a summary")
     p.add_argument("--workdir", default="out/demo", help="where the demo writes its files (default: %(default)s)")

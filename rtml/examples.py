@@ -100,3 +100,32 @@ def read_dir(directory: str) -> Iterator[dict]:
         with FileSystems.open(match.path) as handle:
             for record in read_records(handle.read()):
                 yield from_example(record)
+
+
+def read_columns(directory: str, start_us: int | None = None, end_us: int | None = None, pattern: str = "*" + FILE_SUFFIX) -> dict:
+    """The examples under `directory` with `start_us <= event_time_us < end_us`, as columns.
+
+    Every reference feature and `label` as a float32 numpy array; `transaction_id`,
+    `customer_id` and `day` (the UTC date, YYYY-MM-DD) as lists of str.
+    """
+    import numpy as np
+    from apache_beam.io.filesystems import FileSystems
+
+    ids = ("transaction_id", "customer_id", "day")
+    columns: dict[str, list] = {name: [] for name in (*FLOAT_COLUMNS, "label", *ids)}
+    for match in FileSystems.match([FileSystems.join(directory, pattern)])[0].metadata_list:
+        with FileSystems.open(match.path) as handle:
+            for record in read_records(handle.read()):
+                example = from_example(record)
+                t = example["event_time_us"]
+                if (start_us is not None and t < start_us) or (end_us is not None and t >= end_us):
+                    continue
+                for name in FLOAT_COLUMNS:
+                    columns[name].append(example[name])
+                columns["label"].append(example["label"])
+                columns["transaction_id"].append(example["transaction_id"])
+                columns["customer_id"].append(example["customer_id"])
+                columns["day"].append(example["event_time"][:10])
+    out: dict = {name: np.asarray(columns[name], dtype=np.float32) for name in (*FLOAT_COLUMNS, "label")}
+    out.update({name: columns[name] for name in ids})
+    return out
