@@ -81,7 +81,8 @@ class OutputTopicOptions(PipelineOptions):
             "--output_topic",
             default=None,
             help="Topic for the pipeline's results, projects/P/topics/T (default: the project's topic for "
-            f"the pipeline: {config.VALIDATED_TOPIC} for validate, {config.FEATURES_TOPIC} for featurize).",
+            f"the pipeline: {config.VALIDATED_TOPIC} for validate, {config.FEATURES_TOPIC} for featurize, "
+            f"{config.INSIGHTS_TOPIC} for score).",
         )
 
 

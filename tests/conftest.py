@@ -1,8 +1,10 @@
-"""Shared fixtures. `services` starts the real Pub/Sub and Bigtable emulators once per session."""
+"""Shared fixtures. `services` starts the real Pub/Sub and Bigtable emulators once per session;
+`trained` simulates, backfills and trains one small model version once per session."""
 
 import os
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -66,3 +68,32 @@ def unique_topics(services):
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+TRAINING_WINDOW = ("2026-02-16", "2026-02-22")
+
+
+class Trained(NamedTuple):
+    history: Path  # the simulated replay file (56 days, 600 customers)
+    examples: Path  # its backfill examples
+    model_dir: Path
+    version: str  # path of the exported version
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Trained:
+    """A model version exported by `rtml train` from simulated history, as a user would make it."""
+    from beam_pipelines import backfill
+    from models import loader
+    from rtml import cli, simulator
+
+    work = tmp_path_factory.mktemp("trained")
+    history = work / "history.jsonl"
+    simulator.simulate_to_file(simulator.SimulationConfig(days=56, customers=600, terminals=1200, seed=11), history)
+    examples = work / "examples"
+    backfill.run(["--input", str(history), "--examples_out", str(examples), "--no_state"]).wait_until_finish()
+    model_dir = work / "models"
+    argv = ["train", "--examples", str(examples), "--train-start", TRAINING_WINDOW[0], "--train-end", TRAINING_WINDOW[1]]
+    assert cli.main([*argv, "--model-dir", str(model_dir), "--quiet"]) == 0
+    (version,) = loader.versions(str(model_dir))
+    return Trained(history, examples, model_dir, version)

@@ -10,6 +10,7 @@ import pytest
 from models import loader, training
 from models.features import RAW_FEATURES
 from rtml import drift
+from tests.conftest import TRAINING_WINDOW
 
 # ---- pure logic ---------------------------------------------------------------------------
 
@@ -84,32 +85,17 @@ def test_drift_summary_of_a_binary_feature_keeps_two_populated_bins():
 
 # ---- end to end: simulate, backfill, `rtml train` -----------------------------------------
 
-TRAIN = ("2026-02-16", "2026-02-22")
+TRAIN = TRAINING_WINDOW
 
 
 @pytest.fixture(scope="module")
-def examples_dir(tmp_path_factory):
-    from beam_pipelines import backfill
-    from rtml import simulator
-
-    work = tmp_path_factory.mktemp("training")
-    history = work / "history.jsonl"
-    simulator.simulate_to_file(simulator.SimulationConfig(days=56, customers=600, terminals=1200, seed=11), history)
-    out = work / "examples"
-    backfill.run(["--input", str(history), "--examples_out", str(out), "--no_state"]).wait_until_finish()
-    return out
+def examples_dir(trained):
+    return trained.examples
 
 
 @pytest.fixture(scope="module")
-def exported(examples_dir, tmp_path_factory):
-    from rtml import cli
-
-    model_dir = tmp_path_factory.mktemp("models")
-    argv = ["train", "--examples", str(examples_dir), "--train-start", TRAIN[0], "--train-end", TRAIN[1]]
-    argv += ["--model-dir", str(model_dir), "--quiet"]
-    assert cli.main(argv) == 0
-    (version,) = loader.versions(str(model_dir))
-    return version
+def exported(trained):
+    return trained.version
 
 
 @pytest.mark.slow

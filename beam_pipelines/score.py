@@ -1,0 +1,124 @@
+"""Streaming scoring: Pub/Sub -> validation -> features -> RunInference -> insights on Pub/Sub.
+
+Reads `transactions-sub` and `fraud-feedback-sub`, validates every message (rejects go to the
+dead-letter topic), computes the reference features with the Bigtable-backed stateful DoFns,
+scores each transaction with the newest valid model version in `--model_dir` through Beam's
+RunInference, and publishes one insight per transaction to `fraud-insights` with attributes
+`transaction_id`, `decision` and `model_version`. A version written into `--model_dir` later is
+picked up within `--model_poll_secs` without a restart; a version that fails its hash check
+is refused and the current one keeps serving. Inference failures become dead letters.
+
+    python -m beam_pipelines.score --model_dir out/models     # locally, against the emulators
+"""
+
+import sys
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.io.gcp.pubsub import WriteToPubSub
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineResult
+
+from beam_pipelines import options as opts
+from rtml import config
+from transforms.features import ComputeFeatures, WriteEntityCells
+from transforms.scoring import FraudModelHandler, ScoreTransactions, insight_message
+from transforms.validation import ReadEvents, WriteDeadLetters
+
+
+class ScoreOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--model_poll_secs",
+            type=float,
+            default=20.0,
+            help="How often to look for a new model version in --model_dir, in seconds (default: %(default)s).",
+        )
+        parser.add_argument(
+            "--model_updates",
+            choices=("handler", "side_input"),
+            default="handler",
+            help="How new versions are found: 'handler' (the model handler lists --model_dir every "
+            "--model_poll_secs; any runner) or 'side_input' (RunInference's WatchFilePattern side input; "
+            "needs splittable DoFns, e.g. Dataflow). Default: %(default)s.",
+        )
+        parser.add_argument(
+            "--inference_max_batch_size",
+            type=int,
+            default=64,
+            help="Largest inference batch (default: %(default)s).",
+        )
+        parser.add_argument(
+            "--inference_max_batch_duration_secs",
+            type=float,
+            default=0.0,
+            help="If > 0, hold elements up to this long to fill inference batches across bundles "
+            "(stateful batching; adds up to this much latency). Default: batch within a bundle only.",
+        )
+
+
+class ScorePipeline(NamedTuple):
+    featured: beam.PCollection  # FeaturedTransaction
+    insights: beam.PCollection  # insight dicts, as published
+    dead_letters: beam.PCollection  # (error_kind, record), validation and inference
+
+
+def check(options: PipelineOptions) -> str:
+    """The model folder, once the options are valid (checked here, not by argparse: see backfill.build)."""
+    model_dir = options.view_as(opts.ModelDirOptions).model_dir
+    if not model_dir:
+        raise ValueError("--model_dir is required: the folder `rtml train` exports model versions to")
+    args = options.view_as(ScoreOptions)
+    if args.model_poll_secs <= 0:
+        raise ValueError("--model_poll_secs must be > 0")
+    if args.inference_max_batch_size < 1:
+        raise ValueError("--inference_max_batch_size must be at least 1")
+    if args.inference_max_batch_duration_secs < 0:
+        raise ValueError("--inference_max_batch_duration_secs must be >= 0")
+    if args.model_updates == "side_input" and opts.is_local(options):
+        raise ValueError(
+            "--model_updates=side_input needs splittable DoFns, which the local DirectRunner cannot run; "
+            "use the default --model_updates=handler locally"
+        )
+    return model_dir
+
+
+def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
+    model_dir = check(options)
+    args = options.view_as(ScoreOptions)
+    io = opts.resolve_streaming_io(options)
+    output_topic = opts.resolve_output_topic(options, config.INSIGHTS_TOPIC)
+    store = opts.store_config(options)
+    inputs = pipeline | "ReadEvents" >> ReadEvents(
+        io.transactions_subscription, io.feedback_subscription, io.id_label, io.timestamp_attribute
+    )
+    computed = (inputs.transactions, inputs.feedback) | "ComputeFeatures" >> ComputeFeatures(store)
+    _ = computed.mutations | "WriteEntityCells" >> WriteEntityCells(store)
+    by_side_input = args.model_updates == "side_input"
+    handler = FraudModelHandler(
+        model_dir,
+        poll_secs=None if by_side_input else args.model_poll_secs,
+        max_batch_size=args.inference_max_batch_size,
+        max_batch_duration_secs=args.inference_max_batch_duration_secs or None,
+    )
+    scored = computed.transactions | "ScoreTransactions" >> ScoreTransactions(
+        handler, model_dir, side_input_poll_secs=args.model_poll_secs if by_side_input else None
+    )
+    _ = (
+        scored.insights
+        | "ToMessage" >> beam.Map(insight_message)
+        | "PublishInsights" >> WriteToPubSub(output_topic, with_attributes=True)
+    )
+    dead_letters = (inputs.dead_letters, scored.dead_letters) | "FlattenDeadLetters" >> beam.Flatten()
+    _ = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(io.dead_letter_topic)
+    return ScorePipeline(computed.transactions, scored.insights, dead_letters)
+
+
+def run(argv: list[str] | None = None) -> PipelineResult:
+    """Build and start the pipeline; returns without waiting (streaming runs until cancelled)."""
+    return opts.run_streaming(build, argv)
+
+
+if __name__ == "__main__":
+    opts.streaming_main(build, sys.argv[1:])

@@ -1,0 +1,122 @@
+"""The scoring transform on Beam's streaming DirectRunner with TestStream and a small exported model."""
+
+import numpy as np
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that
+
+from models import decisions, loader
+from models.features import RAW_FEATURES
+from rtml import events, examples
+from transforms.features import FeaturedTransaction
+from transforms.scoring import FEATURES_ERROR_KIND, INFERENCE_ERROR_KIND, FraudModelHandler, ScoreTransactions
+
+pytestmark = pytest.mark.slow
+
+
+def _featured(columns: dict, rows) -> list[FeaturedTransaction]:
+    out = []
+    for i in rows:
+        day = columns["day"][i]
+        tx = events.Transaction(
+            columns["transaction_id"][i], f"{day}T12:00:00Z", events.parse_timestamp(f"{day}T12:00:00Z", "event_time"),
+            columns["customer_id"][i], "T-test", float(columns["amount"][i]),
+        )
+        out.append(FeaturedTransaction(tx, {name: float(columns[name][i]) for name in RAW_FEATURES}))
+    return out
+
+
+def test_teststream_transactions_get_the_models_scores_decisions_and_reasons(trained):
+    model = loader.load(trained.version)
+    columns = examples.read_columns(str(trained.examples), pattern="examples-00003-*")
+    scores = model.score(columns)
+    # Up to 6 transactions of each decision, so every decision is exercised.
+    all_decisions = np.array(decisions.decide(scores, model.thresholds["review"], model.thresholds["decline"]))
+    rows = [int(i) for d in decisions.DECISIONS for i in np.flatnonzero(all_decisions == d)[:6]]
+    featured = _featured(columns, rows)
+    broken = FeaturedTransaction(featured[0].transaction._replace(transaction_id="broken"), {"amount": 1.0})
+    values = np.array([[f.features[name] for name in RAW_FEATURES] for f in featured], dtype=np.float32)
+    expected_scores, contributions = model.explain({name: values[:, j] for j, name in enumerate(RAW_FEATURES)})
+    expected_decisions = decisions.decide(expected_scores, model.thresholds["review"], model.thresholds["decline"])
+    expected_reasons = decisions.top_reasons(contributions, values, RAW_FEATURES)
+    assert set(expected_decisions) == set(decisions.DECISIONS)
+    expected = {
+        f.transaction.transaction_id: (float(s), d, r, f)
+        for f, s, d, r in zip(featured, expected_scores, expected_decisions, expected_reasons, strict=True)
+    }
+
+    version = model.version  # the matchers are pickled: they must not hold the model itself
+    stream = (
+        TestStream()
+        .add_elements(featured[:9])
+        .advance_processing_time(1)
+        .add_elements([*featured[9:], broken])
+        .advance_watermark_to_infinity()
+    )
+    options = PipelineOptions(runner="BundleBasedDirectRunner")
+    options.view_as(StandardOptions).streaming = True
+
+    def check_insights(insights):
+        assert len(insights) == len(expected)
+        assert {i["transaction_id"] for i in insights} == set(expected)
+        for insight in insights:
+            score, decision, reasons, source = expected[insight["transaction_id"]]
+            assert insight["score"] == pytest.approx(score, abs=1e-6)
+            assert insight["decision"] == decision
+            assert [r["feature"] for r in insight["reasons"]] == [r["feature"] for r in reasons]
+            for got, want in zip(insight["reasons"], reasons, strict=True):
+                assert got["contribution"] == pytest.approx(want["contribution"], rel=1e-4, abs=1e-6)
+                assert got["value"] == pytest.approx(want["value"])
+            assert insight["model_version"] == version
+            assert insight["features"] == source.features
+            assert insight["amount"] == source.transaction.amount and insight["event_time"] == source.transaction.event_time
+            assert insight["processed_at"].endswith("Z")
+
+    def check_dead_letters(dead):
+        assert len(dead) == 1
+        kind, record = dead[0]
+        assert kind == FEATURES_ERROR_KIND
+        assert record["attributes"] == {"transaction_id": "broken"}
+        assert record["error"].startswith("features: missing tx_during_weekend, tx_during_night")
+
+    with TestPipeline(options=options) as pipeline:
+        handler = FraudModelHandler(str(trained.model_dir), poll_secs=None, max_batch_size=8)
+        scored = pipeline | stream | ScoreTransactions(handler, str(trained.model_dir))
+        assert_that(scored.insights, check_insights, label="CheckInsights")
+        assert_that(scored.dead_letters, check_dead_letters, label="CheckDeadLetters")
+
+
+class ExplodingHandler(FraudModelHandler):
+    """Our handler, failing every batch that holds a transaction whose id starts with `explode`."""
+
+    def run_inference(self, batch, model, inference_args=None):
+        if any(example.transaction.transaction_id.startswith("explode") for example in batch):
+            raise RuntimeError("model blew up")
+        return super().run_inference(batch, model, inference_args)
+
+
+def test_a_failing_inference_batch_becomes_dead_letters_and_the_stream_goes_on(trained):
+    columns = examples.read_columns(str(trained.examples), pattern="examples-00004-*")
+    featured = _featured(columns, range(6))
+    exploding = [f._replace(transaction=f.transaction._replace(transaction_id=f"explode-{i}")) for i, f in enumerate(featured[:2])]
+    good_ids = {f.transaction.transaction_id for f in featured}
+    stream = TestStream().add_elements(exploding[:1]).add_elements(featured[:3]).add_elements([exploding[1], *featured[3:]])
+    options = PipelineOptions(runner="BundleBasedDirectRunner")
+    options.view_as(StandardOptions).streaming = True
+
+    def check_insights(insights):
+        assert sorted(i["transaction_id"] for i in insights) == sorted(good_ids)
+
+    def check_dead_letters(dead):
+        assert sorted(record["attributes"]["transaction_id"] for _, record in dead) == ["explode-0", "explode-1"]
+        for kind, record in dead:
+            assert kind == INFERENCE_ERROR_KIND
+            assert record["error"] == "inference: the model failed on this transaction's batch: RuntimeError('model blew up')"
+
+    with TestPipeline(options=options) as pipeline:
+        handler = ExplodingHandler(str(trained.model_dir), poll_secs=None, max_batch_size=1)
+        scored = pipeline | stream.advance_watermark_to_infinity() | ScoreTransactions(handler, str(trained.model_dir))
+        assert_that(scored.insights, check_insights, label="CheckInsights")
+        assert_that(scored.dead_letters, check_dead_letters, label="CheckDeadLetters")

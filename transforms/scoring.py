@@ -1,0 +1,303 @@
+"""Scoring: featured transactions -> RunInference with our exported versions -> insights.
+
+`FraudModelHandler` is a Beam `ModelHandler` over `models.loader`: it opens a verified version
+with `tf.saved_model.load`, scores a whole batch with one call of the `explain` signature
+(scores and per-feature contributions together), and turns them into decisions and reasons
+with the version's own thresholds. Beam's `RunInference` runs it, watches the model folder
+for new versions (`<model_dir>/*/metadata.json`) and routes failed batches to its error output,
+which `ScoreTransactions` turns into dead letters.
+
+A new version that fails its hash check or does not load is refused: the handler keeps the
+version it had, logs the refusal and counts it (`scoring/model_refusals`).
+
+Model updates: RunInference's model-update side input (`WatchFilePattern`) is built on
+splittable DoFns, which Beam's local bundle-based DirectRunner cannot run ("Transform node
+...ProcessKeyedElements... was not replaced as expected"). So by default the handler watches
+the model folder itself (`ModelSlot`), on every runner; `--model_updates=side_input` uses
+Beam's watcher instead, on runners that support it (Dataflow).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import posixpath
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+
+from models import decisions, loader
+from models.features import RAW_FEATURES
+from rtml import events
+
+_LOG = logging.getLogger(__name__)
+NAMESPACE = "scoring"
+INFERENCE_ERROR_KIND = "inference_failed"
+FEATURES_ERROR_KIND = "invalid_features"
+
+
+def _counter(name: str):
+    return Metrics.counter(NAMESPACE, name)
+
+
+class ScoringExample(NamedTuple):
+    """What RunInference carries per transaction: the transaction, its features, and when it was published."""
+
+    transaction: events.Transaction
+    features: dict
+    published_at_us: int
+
+
+class ModelSlot:
+    """The version a worker serves, swapped in place when a newer valid version appears.
+
+    Beam's `RunInference` loads the slot once per worker process (it is shared between the
+    worker's threads) and hands it to every `run_inference` call; `refresh` looks at the model
+    folder at most every `poll_secs` and swaps in the newest version that passes
+    `loader.load`. A version that fails is refused once (logged and counted) and never retried.
+    """
+
+    def __init__(self, model_dir: str, poll_secs: float | None):
+        self.model_dir = model_dir
+        self.poll_secs = poll_secs
+        self.current = None
+        self._refused: set[str] = set()
+        self._checked_at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def load_newest(self) -> None:
+        """Serve the newest version that loads; refuse the newer ones that do not."""
+        for candidate in reversed(loader.versions(self.model_dir)):
+            if self.current is not None and candidate.rstrip("/") == self.current.path.rstrip("/"):
+                return
+            if self.offer(candidate):
+                return
+        if self.current is None:
+            raise RuntimeError(f"no valid model version in {self.model_dir}; train one with `rtml train`")
+
+    def offer(self, path: str) -> bool:
+        """Try to serve the version at `path`; False (and the current version stays) if it is refused."""
+        if path in self._refused:
+            return False
+        try:
+            loaded = loader.load(path)
+        except Exception as err:  # noqa: BLE001 - any failure to load refuses the version
+            self._refused.add(path)
+            _counter("model_refusals").inc()
+            keeping = f"; version {self.current.version} keeps serving" if self.current is not None else ""
+            _LOG.error("model version at %s refused: %s%s", path, err, keeping)
+            return False
+        if self.current is not None:
+            _LOG.info("model version %s replaces %s", loaded.version, self.current.version)
+            _counter("model_updates").inc()
+        else:
+            _LOG.info("serving model version %s", loaded.version)
+        self.current = loaded
+        return True
+
+    def refresh(self):
+        """The version to score with, after a look at the model folder if one is due."""
+        if self.poll_secs is not None and time.monotonic() - self._checked_at >= self.poll_secs:
+            with self._lock:
+                if time.monotonic() - self._checked_at >= self.poll_secs:
+                    newest = loader.latest(self.model_dir)
+                    if newest is not None and newest.rstrip("/") != self.current.path.rstrip("/"):
+                        self.offer(newest)
+                    self._checked_at = time.monotonic()
+        return self.current
+
+
+class FraudModelHandler(ModelHandler[ScoringExample, dict, ModelSlot]):
+    """Loads verified model versions from `model_dir` and scores batches of `ScoringExample`s.
+
+    `poll_secs` set: the handler watches the folder itself (`ModelSlot.refresh`), which works on
+    every runner. `poll_secs` None: versions arrive through RunInference's model-update side
+    input (`update_model_path`), which needs a runner with splittable DoFns, such as Dataflow.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        poll_secs: float | None = 20.0,
+        max_batch_size: int = 64,
+        max_batch_duration_secs: float | None = None,
+    ):
+        super().__init__()
+        self._model_dir = model_dir.rstrip("/")
+        self._poll_secs = poll_secs
+        self._path: str | None = None
+        self._slot: ModelSlot | None = None
+        self._batching = {"min_batch_size": 1, "max_batch_size": max_batch_size}
+        if max_batch_duration_secs:
+            self._batching["max_batch_duration_secs"] = max_batch_duration_secs
+
+    def update_model_path(self, model_path: str | None = None) -> None:
+        """Called by RunInference with a new `.../<version>/metadata.json` from its model watcher."""
+        if model_path:
+            self._path = posixpath.dirname(model_path) if model_path.endswith(loader.METADATA_FILE) else model_path
+
+    def load_model(self) -> ModelSlot:
+        if self._slot is None:
+            self._slot = ModelSlot(self._model_dir, self._poll_secs)
+            self._slot.load_newest()
+        if self._path is not None and self._path.rstrip("/") != self._slot.current.path.rstrip("/"):
+            self._slot.offer(self._path)
+        return self._slot
+
+    def run_inference(self, batch: Sequence[ScoringExample], model: ModelSlot, inference_args=None) -> Iterable[PredictionResult]:
+        """One `explain` call for the batch; an example with unusable features gets an `error` instead."""
+        import numpy as np
+
+        served = model.refresh()
+        Metrics.distribution(NAMESPACE, "inference_batch_size").update(len(batch))
+        problems = [feature_problem(example.features) for example in batch]
+        usable = [example for example, problem in zip(batch, problems, strict=True) if problem is None]
+        results = {}
+        if usable:
+            values = np.array([[example.features[name] for name in RAW_FEATURES] for example in usable], dtype=np.float32)
+            scores, contributions = served.explain({name: values[:, i] for i, name in enumerate(RAW_FEATURES)})
+            thresholds = served.thresholds
+            chosen = decisions.decide(scores, thresholds["review"], thresholds["decline"])
+            reasons = decisions.top_reasons(contributions, values, RAW_FEATURES)
+            for example, score, decision, why in zip(usable, scores, chosen, reasons, strict=True):
+                results[id(example)] = {"score": float(score), "decision": decision, "reasons": why, "model_version": served.version}
+        for example, problem in zip(batch, problems, strict=True):
+            inference = results[id(example)] if problem is None else {"error": problem, "model_version": served.version}
+            yield PredictionResult(example, inference, served.version)
+
+    def batch_elements_kwargs(self) -> dict:
+        return dict(self._batching)
+
+    def get_metrics_namespace(self) -> str:
+        return "RunInference_fraud"
+
+
+def feature_problem(features: dict) -> str | None:
+    """What makes a feature dict unusable for the model (missing or non-numeric values), or None."""
+    missing = [name for name in RAW_FEATURES if name not in features]
+    if missing:
+        return f"features: missing {', '.join(missing)}"
+    for name in RAW_FEATURES:
+        value = features[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"features: {name} must be a finite number, got {value!r}"
+    return None
+
+
+def to_scoring_example(featured, timestamp=beam.DoFn.TimestampParam) -> tuple[str, ScoringExample]:
+    """Key a featured transaction by transaction_id; its element timestamp is the publish time."""
+    tx = featured.transaction
+    return tx.transaction_id, ScoringExample(tx, featured.features, timestamp.micros)
+
+
+def insight_record(example: ScoringExample, inference: dict, processed_at_us: int) -> dict:
+    """The contract's insight object."""
+    tx = example.transaction
+    return {
+        "transaction_id": tx.transaction_id,
+        "customer_id": tx.customer_id,
+        "terminal_id": tx.terminal_id,
+        "event_time": tx.event_time,
+        "amount": tx.amount,
+        "score": inference["score"],
+        "decision": inference["decision"],
+        "model_version": inference["model_version"],
+        "features": dict(example.features),
+        "reasons": inference["reasons"],
+        "processed_at": events.format_timestamp(processed_at_us),
+    }
+
+
+class AssembleInsightFn(beam.DoFn):
+    """(transaction_id, PredictionResult) -> insight dict; counts decisions and publish-to-emit latency."""
+
+    def setup(self):
+        self._insights = _counter("insights")
+        self._by_decision = {decision: _counter(f"decision_{decision}") for decision in decisions.DECISIONS}
+        self._latency = Metrics.distribution(NAMESPACE, "latency_ms")
+
+    def process(self, keyed):
+        _, result = keyed
+        now_us = time.time_ns() // 1000
+        if "error" in result.inference:
+            _counter("invalid_features").inc()
+            yield beam.pvalue.TaggedOutput(
+                DEAD_LETTERS, (FEATURES_ERROR_KIND, transaction_dead_letter(result.example, result.inference["error"], now_us))
+            )
+            return
+        record = insight_record(result.example, result.inference, now_us)
+        self._insights.inc()
+        self._by_decision[record["decision"]].inc()
+        self._latency.update(max(0, (now_us - result.example.published_at_us) // 1000))
+        yield record
+
+
+def insight_message(record: dict) -> PubsubMessage:
+    data = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    attributes = {key: record[key] for key in ("transaction_id", "decision", "model_version")}
+    return PubsubMessage(data, attributes)
+
+
+DEAD_LETTERS = "dead_letters"
+
+
+def transaction_dead_letter(example: ScoringExample, error: str, received_us: int) -> dict:
+    """A dead letter for a transaction that passed validation but could not be scored."""
+    tx = example.transaction
+    payload = json.dumps(events.contract_fields(tx), separators=(",", ":")).encode("utf-8")
+    return events.dead_letter("transactions", error, payload, {"transaction_id": tx.transaction_id}, received_us)
+
+
+def failed_batch_dead_letters(failure) -> Iterable[tuple[str, dict]]:
+    """RunInference's error output (a failed batch and its exception) -> one dead letter per transaction."""
+    batch, error = failure
+    # Beam's error output carries (exception type, repr of the exception, traceback).
+    text = error[1] if isinstance(error, tuple) and len(error) >= 2 else repr(error)
+    received_us = time.time_ns() // 1000
+    for keyed in batch:
+        example = keyed[1] if isinstance(keyed, tuple) else keyed
+        _counter("inference_failures").inc()
+        message = f"inference: the model failed on this transaction's batch: {text}"
+        yield INFERENCE_ERROR_KIND, transaction_dead_letter(example, message, received_us)
+
+
+class Scored(NamedTuple):
+    insights: beam.PCollection  # insight dicts
+    dead_letters: beam.PCollection  # (error_kind, dead-letter record)
+
+
+class ScoreTransactions(beam.PTransform):
+    """Featured transactions -> insights, with live model updates and failures as dead letters."""
+
+    def __init__(self, handler: FraudModelHandler, model_dir: str, side_input_poll_secs: float | None = None):
+        """`side_input_poll_secs`: watch `model_dir` with RunInference's `WatchFilePattern` side
+        input at this interval (Dataflow); None when the handler watches the folder itself."""
+        super().__init__()
+        self._handler = handler
+        self._model_dir = model_dir.rstrip("/")
+        self._side_input_poll = side_input_poll_secs
+
+    def expand(self, featured):
+        keyed = featured | "KeyByTransaction" >> beam.Map(to_scoring_example)
+        run_inference = RunInference(
+            KeyedModelHandler(self._handler),
+            **(
+                {"watch_model_pattern": f"{self._model_dir}/*/{loader.METADATA_FILE}", "interval": self._side_input_poll}
+                if self._side_input_poll
+                else {}
+            ),
+        ).with_exception_handling()
+        predictions, errors = keyed | "RunInference" >> run_inference
+        assembled = predictions | "AssembleInsights" >> beam.ParDo(AssembleInsightFn()).with_outputs(
+            DEAD_LETTERS, main="insights"
+        )
+        failed = errors.failed_inferences | "FailedInferences" >> beam.FlatMap(failed_batch_dead_letters)
+        dead_letters = (assembled[DEAD_LETTERS], failed) | "FlattenScoringDeadLetters" >> beam.Flatten()
+        return Scored(assembled.insights, dead_letters)
