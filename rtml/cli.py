@@ -272,6 +272,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from beam_pipelines import options as opts
+    from beam_pipelines import score
+    from models import loader
+
+    newest = loader.latest(args.model_dir)
+    if newest is None:
+        raise CommandError(f"--model-dir {args.model_dir}: no model version there; export one with `rtml train`")
+    try:
+        loader.verify(newest)
+    except loader.ModelIntegrityError as err:
+        print(f"warning: {err}; an older valid version will serve", file=sys.stderr)
+    services = _use_services(args)
+    argv = [
+        f"--project={args.project}",
+        f"--bigtable_instance={args.instance}",
+        f"--model_dir={args.model_dir}",
+        f"--model_poll_secs={args.model_poll_secs}",
+        f"--inference_max_batch_size={args.max_batch_size}",
+    ]
+    if args.no_emulators:
+        argv += ["--pubsub_emulator_host=none", "--bigtable_emulator_host=none"]
+    else:
+        argv += [f"--pubsub_emulator_host={services.pubsub_host}", f"--bigtable_emulator_host={services.bigtable_host}"]
+    print(f"serving from {args.model_dir} (newest version {newest.rsplit('/', 1)[-1]}); Ctrl-C stops", file=sys.stderr)
+    opts.streaming_main(score.build, argv + [arg for arg in args.beam_args if arg != "--"])
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -478,6 +507,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="version name (default: the UTC time, YYYYMMDD-HHMMSS)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "serve",
+        parents=[services, cloud],
+        help="the streaming pipeline: Pub/Sub in, features, RunInference, insights out; runs until stopped",
+    )
+    p.add_argument("--model-dir", required=True, help="folder of exported model versions (local or gs://)")
+    p.add_argument(
+        "--model-poll-secs", type=_positive_float, default=20.0, help="look for new versions this often (default: %(default)s)"
+    )
+    p.add_argument("--max-batch-size", type=int, default=64, help="largest inference batch (default: %(default)s)")
+    p.add_argument("beam_args", nargs=argparse.REMAINDER, help="further Beam pipeline options, after `--`")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "evaluate", help="AUC ROC, average precision and card precision@k of scored insights against fraud feedback"

@@ -26,7 +26,7 @@ def test_help_lists_every_command_of_this_release(capsys):
         run_cli("--help")
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("up", "down", "status", "simulate", "replay", "tail", "backfill", "evaluate", "demo"):
+    for command in ("up", "down", "status", "simulate", "replay", "tail", "backfill", "train", "serve", "evaluate", "demo"):
         assert command in out
 
 

@@ -92,7 +92,8 @@ class ModelSlot:
             self._refused.add(path)
             _counter("model_refusals").inc()
             keeping = f"; version {self.current.version} keeps serving" if self.current is not None else ""
-            _LOG.error("model version at %s refused: %s%s", path, err, keeping)
+            reason = str(err) if isinstance(err, loader.ModelIntegrityError) else f"model version at {path} refused: {err}"
+            _LOG.error("%s%s", reason, keeping)
             return False
         if self.current is not None:
             _LOG.info("model version %s replaces %s", loaded.version, self.current.version)
