@@ -1,21 +1,27 @@
-"""Training: tf.Transform analysis in a Beam pipeline, a Keras model, a versioned SavedModel export.
+"""Training as one Beam batch pipeline: tf.Transform analysis, Keras training, a versioned SavedModel.
 
-1. A Beam batch pipeline selects the examples of `--train_start .. --train_end` (dates, UTC,
-   inclusive) from the backfill's TFRecords, splits off the last `--validation_days` as the
-   validation split, runs `AnalyzeAndTransformDataset` on the training split and
-   `TransformDataset` on the validation split, and writes the transformed splits, the
+1. The pipeline selects the examples of `--train_start .. --train_end` (dates, UTC, inclusive)
+   from the backfill's TFRecords, splits off the last `--validation_days` as the validation
+   split, runs `AnalyzeAndTransformDataset` on the training split and `TransformDataset` on the
+   validation split, and writes the transformed splits, the raw validation examples, the
    transform graph and the raw training statistics into a work folder.
-2. Keras trains on the transformed splits (early stopping on the validation loss).
-3. The export wraps the model and the transform graph into one SavedModel, scores the raw
-   validation examples through it, chooses the decision thresholds, draws the report, and
-   writes `--model_dir/<version>/` with `metadata.json` (sha256 of every file) written last,
-   so a watcher never sees a half-written version.
+2. Its last step, `TrainAndExport`, runs once, on one worker, when all of that is written (the
+   writes' results are its side inputs). Keras trains on the transformed splits (early stopping
+   on the validation loss); the export wraps the model and the transform graph into one
+   SavedModel, scores the raw validation examples through it, chooses the decision thresholds,
+   draws the report, and writes `--model_dir/<version>/` with `metadata.json` (sha256 of every
+   file) written last, so a watcher never sees a half-written version. It then removes the work
+   folder.
 
     python -m beam_pipelines.train --examples out/examples --train_start 2026-03-01 \\
         --train_end 2026-03-07 --model_dir out/models
 
-On Dataflow the Beam step runs on workers and training runs where the command runs (the
-Flex Template launcher); the work folder must then be on gs:// (`--work_dir`).
+`start(argv)` builds and submits the job and returns: the Flex Template launcher's entry.
+`run(argv)` also waits for it and returns the new version's metadata: `rtml train`'s.
+Locally the FnApiRunner runs the whole job in this process (one worker, in memory, as tf.Transform
+did before the step moved in: the Keras step then trains where `rtml train` runs, and a second
+worker process would only hold a second copy of TensorFlow). On Dataflow the work folder must be
+on gs:// (`--work_dir`), and the training step runs on a worker.
 """
 
 from __future__ import annotations
@@ -24,15 +30,19 @@ import datetime as dt
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from beam_pipelines import options as opts
 from models import loader
@@ -45,6 +55,8 @@ from transforms.training import CountLabelsFn, FeatureStatisticsFn, SplitByTimeF
 
 _LOG = logging.getLogger(__name__)
 DAY_US = 86_400_000_000
+
+METRICS_NAMESPACE = "train"
 
 
 class TrainOptions(PipelineOptions):
@@ -75,11 +87,17 @@ class TrainOptions(PipelineOptions):
             default=0.8,
             help="Validation precision the decline threshold must reach (default: %(default)s).",
         )
-        parser.add_argument("--model_version", default=None, help="Version name (default: the UTC time, YYYYMMDD-HHMMSS).")
+        parser.add_argument(
+            "--model_version",
+            default=None,
+            help="Version name; the job fails if it exists already (default: the UTC time at launch, "
+            "YYYYMMDD-HHMMSS, with a -N suffix if that name is taken when the model is exported).",
+        )
         parser.add_argument(
             "--work_dir",
             default=None,
-            help="Folder for the transformed data (default: a temporary folder; must be gs:// on Dataflow). Removed after a successful export.",
+            help="Folder for the transformed data; each run works in a sub-folder of it, removed after a "
+            "successful export (default: a temporary local folder; required, on gs://, on Dataflow).",
         )
 
 
@@ -89,6 +107,33 @@ class TrainingData(NamedTuple):
     validation_raw: beam.PCollection  # raw validation examples (serialized, as the backfill wrote them)
     statistics: beam.PCollection  # one dict: FeatureStatisticsFn's output over the training split
     validation_counts: beam.PCollection  # one dict: examples and positives of the validation split
+    written: beam.PCollection  # the name of every file and folder written into the work folder, once written
+
+
+class Training(NamedTuple):
+    data: TrainingData
+    metadata: beam.PCollection  # one dict: the exported version's metadata, plus `path` and `timings_s`
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """A training run's settings, fixed at launch; plain values, so the training step can carry them."""
+
+    model_dir: str
+    version: str
+    default_version: bool  # named after the launch time: becomes `-N` if taken at export (a given name fails)
+    created: dt.datetime
+    launched: float  # wall clock (time.time()) at launch, where the analysis timing starts
+    work_dir: str  # this run's own work folder
+    temporary: bool  # work_dir is a local temporary folder (no --work_dir)
+    window: TrainingWindow
+    train_start: str
+    train_end: str
+    validation_days: int
+    config: TrainConfig
+    review_rate: float
+    decline_precision: float
+    verbose: int  # Keras progress output: 0 silent, 2 one line per epoch
 
 
 def _day(text: str | None, name: str) -> dt.date:
@@ -135,11 +180,56 @@ def check(options: PipelineOptions) -> TrainOptions:
         raise ValueError("--decline_precision must be in (0, 1]")
     if args.model_version is not None and (not args.model_version or "/" in args.model_version or args.model_version.startswith(".")):
         raise ValueError(f"--model_version must be a plain folder name, got {args.model_version!r}")
+    if not opts.is_local(options) and not (args.work_dir or "").startswith("gs://"):
+        raise ValueError("--work_dir must be a gs:// folder when running on Dataflow")
     return args
 
 
-def build(pipeline: beam.Pipeline, options: PipelineOptions, work_dir: str) -> TrainingData:
-    """The analysis pipeline: examples -> transformed splits, transform graph and statistics in `work_dir`."""
+def make_plan(options: PipelineOptions, verbose: int = 2, look_in_model_dir: bool = False) -> TrainPlan:
+    """Check the options and fix the run's version name and work folder.
+
+    A launcher does not look into `--model_dir` (`look_in_model_dir=False`): the default name is
+    the launch time, and the training step adds `-N` if it is taken by then. `run()`, which must
+    know the final name, looks first: it takes a free name, and refuses a taken `--model_version`
+    before any work.
+    """
+    launched = time.time()
+    args = check(options)
+    model_dir = options.view_as(opts.ModelDirOptions).model_dir
+    created = dt.datetime.fromtimestamp(launched, dt.UTC)
+    if look_in_model_dir:
+        version = args.model_version or new_version_name(model_dir, created)
+        if taken(model_dir, version):
+            raise ValueError(f"model version {version} exists already in {model_dir}")
+    else:
+        version = args.model_version or version_name(created)
+    temporary = args.work_dir is None
+    if temporary:
+        work_dir = tempfile.mkdtemp(prefix="rtml-train-")
+    else:
+        work_dir = FileSystems.join(args.work_dir, f"{version}.{secrets.token_hex(4)}")
+    return TrainPlan(
+        model_dir=model_dir,
+        version=version,
+        default_version=args.model_version is None and not look_in_model_dir,
+        created=created,
+        launched=launched,
+        work_dir=work_dir,
+        temporary=temporary,
+        window=training_window(args),
+        train_start=args.train_start,
+        train_end=args.train_end,
+        validation_days=args.validation_days,
+        config=TrainConfig(params=ModelParams(kind=args.model_type), epochs=args.epochs, batch_size=args.batch_size, seed=args.seed),
+        review_rate=args.review_rate,
+        decline_precision=args.decline_precision,
+        verbose=verbose,
+    )
+
+
+def analyze(pipeline: beam.Pipeline, options: PipelineOptions, work_dir: str) -> TrainingData:
+    """The analysis: examples -> transformed splits, transform graph and statistics in `work_dir`."""
+    import tensorflow_transform as tft
     import tensorflow_transform.beam as tft_beam
     from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
@@ -149,13 +239,15 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, work_dir: str) -> T
     pattern = FileSystems.join(args.examples, "*" + examples.FILE_SUFFIX)
     split = (
         pipeline
-        | "ReadExamples" >> beam.io.ReadFromTFRecord(pattern)
+        # A launcher checks nothing on storage: on Dataflow a missing folder fails the job instead.
+        | "ReadExamples" >> beam.io.ReadFromTFRecord(pattern, validate=opts.is_local(options))
         | "SplitByTime"
         >> beam.ParDo(SplitByTimeFn(window)).with_outputs(SplitByTimeFn.TRAIN, SplitByTimeFn.VALIDATION)
     )
     train_raw = split[SplitByTimeFn.TRAIN] | "TrainFeatures" >> beam.Values()
     validation = split[SplitByTimeFn.VALIDATION]
     validation_raw = validation | "ValidationFeatures" >> beam.Values()
+    transform_dir = FileSystems.join(work_dir, "transform")
     with tft_beam.Context(temp_dir=FileSystems.join(work_dir, "tft_tmp")):
         (train_transformed, transformed_metadata), transform_fn = (
             train_raw,
@@ -165,29 +257,32 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, work_dir: str) -> T
             (validation_raw, raw_metadata),
             transform_fn,
         ) | "TransformValidation" >> tft_beam.TransformDataset()
-        _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(FileSystems.join(work_dir, "transform"))
-    import tensorflow_transform as tft
+        transform_written = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(transform_dir)
 
     coder = tft.coders.ExampleProtoCoder(transformed_metadata.schema)
-    encoded = {}
+    encoded, written = {}, []
     for name, data in (("train", train_transformed), ("validation", validation_transformed)):
         encoded[name] = data | f"Encode{name.title()}" >> beam.Map(coder.encode)
-        _ = encoded[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
-            FileSystems.join(work_dir, "transformed", name), file_name_suffix=examples.FILE_SUFFIX
+        written.append(
+            encoded[name]
+            | f"Write{name.title()}"
+            >> beam.io.WriteToTFRecord(FileSystems.join(work_dir, "transformed", name), file_name_suffix=examples.FILE_SUFFIX)
         )
     raw_records = validation | "ValidationRecords" >> beam.Keys()
-    _ = raw_records | "WriteValidationRaw" >> beam.io.WriteToTFRecord(
-        FileSystems.join(work_dir, "validation_raw", "part"), file_name_suffix=examples.FILE_SUFFIX
+    written.append(
+        raw_records
+        | "WriteValidationRaw"
+        >> beam.io.WriteToTFRecord(FileSystems.join(work_dir, "validation_raw", "part"), file_name_suffix=examples.FILE_SUFFIX)
     )
     statistics = train_raw | "TrainStatistics" >> beam.CombineGlobally(FeatureStatisticsFn())
-    _ = (
+    written.append(
         statistics
         | "StatisticsJson" >> beam.Map(json.dumps)
         | "WriteStatistics"
         >> beam.io.WriteToText(FileSystems.join(work_dir, "statistics"), file_name_suffix=".json", shard_name_template="")
     )
     counts = validation_raw | "ValidationCounts" >> beam.CombineGlobally(CountLabelsFn())
-    _ = (
+    written.append(
         counts
         | "CountsJson" >> beam.Map(json.dumps)
         | "WriteValidationCounts"
@@ -195,70 +290,165 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, work_dir: str) -> T
             FileSystems.join(work_dir, "validation_counts"), file_name_suffix=".json", shard_name_template=""
         )
     )
-    return TrainingData(encoded["train"], encoded["validation"], raw_records, statistics, counts)
+    # WriteTransformFn emits one None once the graph is in place; name the folder instead.
+    written.append(transform_written | "TransformFnWritten" >> beam.Map(lambda _, path: path, transform_dir))
+    files = written | "Written" >> beam.Flatten()
+    return TrainingData(encoded["train"], encoded["validation"], raw_records, statistics, counts, files)
 
 
-def new_version_name(model_dir: str, now: dt.datetime) -> str:
-    """`YYYYMMDD-HHMMSS` in UTC, with a `-N` suffix if that folder exists already."""
-    base = now.astimezone(dt.UTC).strftime("%Y%m%d-%H%M%S")
+def build(pipeline: beam.Pipeline, options: PipelineOptions, plan: TrainPlan) -> Training:
+    """The training pipeline: the analysis into `plan.work_dir`, then `TrainAndExport` once all of it is written."""
+    data = analyze(pipeline, options, plan.work_dir)
+    metadata = (
+        pipeline
+        | "Plan" >> beam.Create([plan])
+        | "TrainAndExport"
+        >> beam.Map(
+            train_and_export,
+            statistics=beam.pvalue.AsSingleton(data.statistics),
+            validation_counts=beam.pvalue.AsSingleton(data.validation_counts),
+            written=beam.pvalue.AsList(data.written),
+        )
+    )
+    return Training(data, metadata)
+
+
+def version_name(now: dt.datetime) -> str:
+    """The default version name: `YYYYMMDD-HHMMSS` in UTC."""
+    return now.astimezone(dt.UTC).strftime("%Y%m%d-%H%M%S")
+
+
+def taken(model_dir: str, version: str) -> bool:
+    """Whether `model_dir/version` is in use: a local folder, or on object storage a published metadata.json
+    (a gs:// "folder" is only a name prefix; files left by a failed attempt are overwritten by the next)."""
+    folder = FileSystems.join(model_dir, version)
+    return FileSystems.exists(folder) or FileSystems.exists(FileSystems.join(folder, loader.METADATA_FILE))
+
+
+def new_version_name(model_dir: str, now: dt.datetime, base: str | None = None) -> str:
+    """`base` (default: `YYYYMMDD-HHMMSS` of `now`, UTC), with a `-N` suffix if that version is taken already."""
+    base = base or version_name(now)
     name, n = base, 1
-    while FileSystems.exists(FileSystems.join(model_dir, name)):
+    while taken(model_dir, name):
         n += 1
         name = f"{base}-{n}"
     return name
 
 
-def _read_json(path: str) -> dict:
-    with FileSystems.open(path) as handle:
-        return json.loads(handle.read().decode("utf-8"))
+def start(argv: list[str] | None = None, verbose: int = 2) -> PipelineResult:
+    """Build and submit the training job; returns without waiting (the Flex Template entry)."""
+    options = PipelineOptions(argv)
+    return _start(options, make_plan(options, verbose))
+
+
+def _start(options: PipelineOptions, plan: TrainPlan) -> PipelineResult:
+    opts.prepare_local_run(options, streaming=False)
+    _LOG.info("training model version %s; analysis in %s", plan.version, plan.work_dir)
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, options, plan)
+    return pipeline.run()
 
 
 def run(argv: list[str] | None = None, verbose: int = 2) -> dict:
-    """Analyze, train and export; returns the new version's metadata (plus its `path`)."""
-    started = time.monotonic()
+    """Analyze, train and export, and wait: the new version's metadata plus its `path` and `timings_s`."""
     options = PipelineOptions(argv)
-    args = check(options)
-    model_dir = options.view_as(opts.ModelDirOptions).model_dir
-    opts.prepare_local_run(options, streaming=False)
-    if not opts.is_local(options) and not (args.work_dir or "").startswith("gs://"):
-        raise ValueError("--work_dir must be a gs:// folder when running on Dataflow")
-    created = dt.datetime.now(dt.UTC)
-    version = args.model_version or new_version_name(model_dir, created)
-    if FileSystems.exists(FileSystems.join(model_dir, version)):
-        raise ValueError(f"model version {version} exists already in {model_dir}")
-    temporary = args.work_dir is None
-    work_dir = tempfile.mkdtemp(prefix="rtml-train-") if temporary else FileSystems.join(args.work_dir, version)
-    _LOG.info("analyzing examples with tf.Transform into %s", work_dir)
-    pipeline = beam.Pipeline(options=options)
-    build(pipeline, options, work_dir)
-    pipeline.run().wait_until_finish()
-    analyzed = time.monotonic()
-    metadata = train_and_export(args, model_dir, version, created, work_dir, verbose)
-    metadata["timings_s"] = {"analyze": round(analyzed - started, 1), "train_and_export": round(time.monotonic() - analyzed, 1)}
-    if temporary:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    else:
-        FileSystems.delete([work_dir])
+    plan = make_plan(options, verbose, look_in_model_dir=True)
+    try:
+        result = _start(options, plan)
+        state = result.wait_until_finish()
+    finally:
+        if plan.temporary:
+            shutil.rmtree(plan.work_dir, ignore_errors=True)
+    if state != PipelineState.DONE:
+        raise RuntimeError(f"the training job ended {state}, without a model version")
+    path = FileSystems.join(plan.model_dir, plan.version)
+    metadata = loader.read_metadata(path)
+    metadata["path"] = path
+    metadata["timings_s"] = timings(result)
     return metadata
 
 
-def train_and_export(args: TrainOptions, model_dir: str, version: str, created: dt.datetime, work_dir: str, verbose: int) -> dict:
-    """Fit on the transformed splits in `work_dir`, export, evaluate, publish `model_dir/version`."""
+def timings(result: PipelineResult) -> dict[str, float | None]:
+    """Seconds of the analysis (launch to the training step) and of the training step, from the
+    job's metrics; None where the runner reports none."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    found = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["distributions"]
+    ms = {}
+    for distribution in found:
+        value = distribution.committed if distribution.committed is not None else distribution.attempted
+        if value is not None and value.count:
+            ms[distribution.key.metric.name] = value.max
+    return {
+        name: round(ms[f"{name}_ms"] / 1000, 1) if f"{name}_ms" in ms else None
+        for name in ("analyze", "train_and_export")
+    }
+
+
+def train_and_export(plan: TrainPlan, statistics: dict, validation_counts: dict, written: list[str]) -> dict:
+    """The job's last step: fit, export, evaluate, publish the version, remove the work folder.
+
+    `statistics` describes the raw training split, `validation_counts` counts the validation
+    split. `written` names everything the analysis wrote into the work folder: as a side input it
+    holds this step back until all of it is there.
+    """
+    started = time.monotonic()
+    analyze_s = max(0.0, time.time() - plan.launched)
+    _LOG.info("training on the analysis in %s (%d outputs)", plan.work_dir, len(written))
+    validation_start = _date_of(plan.window.validation_start_us)
+    if not statistics["examples"]:
+        raise ValueError(
+            f"no examples from --train_start {plan.train_start} to the validation days ({validation_start} on): "
+            "choose a window within the examples' dates"
+        )
+    if not validation_counts["examples"]:
+        raise ValueError(
+            f"no examples in the validation days {validation_start} .. {plan.train_end}: "
+            "choose a window within the examples' dates, or fewer --validation_days"
+        )
+    version = plan.version
+    if taken(plan.model_dir, version):
+        if not plan.default_version:
+            raise ValueError(f"model version {version} exists already in {plan.model_dir}")
+        version = new_version_name(plan.model_dir, plan.created, base=version)
+    metadata = _fit_and_publish(plan, version, statistics)
+    train_and_export_s = time.monotonic() - started
+    _remove_work_dir(plan)
+    Metrics.distribution(METRICS_NAMESPACE, "analyze_ms").update(int(analyze_s * 1000))
+    Metrics.distribution(METRICS_NAMESPACE, "train_and_export_ms").update(int(train_and_export_s * 1000))
+    metadata["timings_s"] = {"analyze": round(analyze_s, 1), "train_and_export": round(train_and_export_s, 1)}
+    return metadata
+
+
+def _date_of(micros: int) -> str:
+    return dt.datetime.fromtimestamp(micros / 1e6, dt.UTC).date().isoformat()
+
+
+def _remove_work_dir(plan: TrainPlan) -> None:
+    if plan.temporary:
+        shutil.rmtree(plan.work_dir, ignore_errors=True)
+    elif "://" in plan.work_dir:
+        FileSystems.delete([plan.work_dir.rstrip("/") + "/"])  # a trailing slash deletes the whole prefix
+    else:
+        FileSystems.delete([plan.work_dir])
+
+
+def _fit_and_publish(plan: TrainPlan, version: str, statistics: dict) -> dict:
+    """Fit on the transformed splits in the work folder, export, evaluate, publish `model_dir/version`."""
     import tensorflow as tf
     import tensorflow_transform as tft
 
     from models import report, serving, training
     from rtml import metrics
 
+    work_dir, config = plan.work_dir, plan.config
     transform_output = tft.TFTransformOutput(FileSystems.join(work_dir, "transform"))
     spec = transform_output.transformed_feature_spec()
     train = training.read_transformed(FileSystems.join(work_dir, "transformed", "train*"), spec)
     validation = training.read_transformed(FileSystems.join(work_dir, "transformed", "validation*"), spec)
     _LOG.info("training on %d examples (%d frauds), validating on %d", train[1].size, int(train[1].sum()), validation[1].size)
-    config = TrainConfig(params=ModelParams(kind=args.model_type), epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    model, history = training.fit(train, validation, config, verbose=verbose)
+    model, history = training.fit(train, validation, config, verbose=plan.verbose)
 
-    statistics = _read_json(FileSystems.join(work_dir, "statistics.json"))
     means = {name: statistics["features"][name]["mean"] for name in RAW_FEATURES}
     staging = tempfile.mkdtemp(prefix="rtml-export-")
     try:
@@ -268,28 +458,27 @@ def train_and_export(args: TrainOptions, model_dir: str, version: str, created: 
         raw = examples.read_columns(FileSystems.join(work_dir, "validation_raw"))
         labels = raw["label"]
         scores = saved.score(raw)
-        thresholds = training.choose_thresholds(labels, scores, args.review_rate, args.decline_precision)
-        window = training_window(args)
+        thresholds = training.choose_thresholds(labels, scores, plan.review_rate, plan.decline_precision)
         metadata = {
             "version": version,
-            "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "created_at": plan.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "training_window": {
-                "start": args.train_start,
-                "end": args.train_end,
-                "validation_start": dt.datetime.fromtimestamp(window.validation_start_us / 1e6, dt.UTC).date().isoformat(),
-                "validation_days": args.validation_days,
+                "start": plan.train_start,
+                "end": plan.train_end,
+                "validation_start": _date_of(plan.window.validation_start_us),
+                "validation_days": plan.validation_days,
             },
             "feature_names": list(RAW_FEATURES),
             "model": {
-                "kind": args.model_type,
+                "kind": config.params.kind,
                 "params": {"hidden_units": list(config.params.hidden_units), "dropout": config.params.dropout, "learning_rate": config.params.learning_rate}
-                if args.model_type == "mlp"
+                if config.params.kind == "mlp"
                 else {"learning_rate": config.params.learning_rate},
                 "epochs_run": len(history["loss"]),
                 "best_epoch": history["best_epoch"],
                 "positive_weight": history["positive_weight"],
-                "batch_size": args.batch_size,
-                "seed": args.seed,
+                "batch_size": config.batch_size,
+                "seed": config.seed,
             },
             "signatures": {serving.SERVING_SIGNATURE: "raw features by name -> score", serving.EXPLAIN_SIGNATURE: "raw features by name -> score, contributions"},
             "thresholds": {"review": thresholds.review, "decline": thresholds.decline, "method": thresholds.method},
@@ -322,7 +511,7 @@ def train_and_export(args: TrainOptions, model_dir: str, version: str, created: 
         metadata["files"] = loader.file_hashes(version_dir)
         with open(os.path.join(version_dir, loader.METADATA_FILE), "w") as handle:
             json.dump(metadata, handle, indent=2, sort_keys=False)
-        destination = publish(version_dir, model_dir, version)
+        destination = publish(version_dir, plan.model_dir, version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     loader.verify(destination)

@@ -6,6 +6,8 @@ process start-up are outside the timed part):
   (about 1.8 million transactions, examples written and feature state loaded into Bigtable),
   next to `bench/plain_features.py`, a plain single-process Python implementation of the same
   features over the same file;
+- scoring: `bench/streaming.py`, the passthrough pipeline against the scoring pipeline on the
+  emulators (maximum throughput, and latency at 100 events/s);
 - streaming Bigtable RPCs: the feature pipeline on the bundle-based DirectRunner against the
   emulators, warm-started by a backfill of the first week, streaming the second week; Bigtable
   read and write RPCs per 1,000 events, over the whole stream and over its second half.
@@ -195,6 +197,19 @@ def write_report(results: dict) -> None:
             f"second half {s.get('second_half_rpcs_per_1000_transactions', '-')} | one RPC per event: 1,000 | "
             f"{round(s['rpcs_per_1000_events'] / 1000, 3)} | < 100 per 1,000 |"
         )
+    c = results.get("scoring")
+    if c:
+        p, q = c["passthrough"], c["scoring"]
+        lines.append(
+            f"| streaming throughput, {c['events']:,} transactions published at once | bundle-based DirectRunner + emulators | "
+            f"scoring: {q['max_throughput_per_s']['median']} events/s | passthrough (validate -> write): "
+            f"{p['max_throughput_per_s']['median']} events/s | {c['throughput_ratio']} | >= 0.9 |"
+        )
+        lines.append(
+            f"| streaming latency p99 at {c['paced_rate_per_s']:.0f} events/s offered | bundle-based DirectRunner + emulators | "
+            f"scoring: p50 {q['p50_ms']['median']} ms, p99 {q['p99_ms']['median']} ms | passthrough: p50 "
+            f"{p['p50_ms']['median']} ms, p99 {p['p99_ms']['median']} ms | {c['p99_ratio']} | <= 1.5 |"
+        )
     lines += [
         "",
         "Reproduce: `make bench` (starts its own emulators; the 6-month file is generated into `bench/data/`).",
@@ -206,7 +221,7 @@ def write_report(results: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per timed phase, median kept (default: 3)")
-    parser.add_argument("--only", choices=["backfill", "streaming"], help="run one phase only")
+    parser.add_argument("--only", choices=["backfill", "streaming", "scoring"], help="run one phase only")
     args = parser.parse_args(argv)
     from rtml import config, emulators
 
@@ -232,6 +247,11 @@ def main(argv=None) -> int:
         if args.only in (None, "streaming"):
             results["streaming_rpcs"] = bench_streaming_rpcs(services)
             _log(json.dumps(results["streaming_rpcs"]))
+        if args.only in (None, "scoring"):
+            from bench.streaming import bench_scoring
+
+            results["scoring"] = bench_scoring(services, args.repeat, _log)
+            _log(json.dumps(results["scoring"]))
     finally:
         emulators.stop(state=state, log=_log)
     write_report(results)

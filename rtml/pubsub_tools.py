@@ -176,8 +176,12 @@ def replay(
     seed: int = 0,
     limit: int | None = None,
     progress: bool = True,
+    on_publish: Callable[[ReplayLine, int], None] | None = None,
 ) -> ReplayStats:
     """Publish a replay file to the input topics in file order.
+
+    `on_publish(line, wall_time_us)` is called as each good event is handed to the publisher
+    (for latency measurements).
 
     With `malformed_rate` > 0, after each good event a malformed copy is also published with that
     probability (seeded), cycling through `MALFORMED_KINDS`, to exercise the dead-letter path.
@@ -220,6 +224,8 @@ def replay(
             topic = topics[line.kind]
             data = json.dumps(line.event, separators=(",", ":")).encode("utf-8")
             futures.append(publisher.publish(topic, data, ordering_key=ORDERING_KEY, **message_attributes(line)))
+            if on_publish is not None:
+                on_publish(line, time.time_ns() // 1000)
             if line.kind == "transaction":
                 stats.transactions += 1
             else:

@@ -2,7 +2,8 @@
 
 The Dockerfile names this file in FLEX_TEMPLATE_PYTHON_PY_FILE. The Dataflow launcher runs it with
 the job's parameters as `--name=value` arguments; it starts `beam_pipelines.$RTML_PIPELINE` through
-that module's `run(argv)`, which submits the job and returns (a Flex Template must not wait for the
+that module's `start(argv)` if it has one (a module whose `run()` waits for its result, like train),
+else its `run(argv)`; either submits the job and returns (a Flex Template must not wait for the
 job). Every template image is the same image with RTML_PIPELINE set (see templates/README.md).
 
 The launcher executes this file as `__main__`, so it defines nothing a pipeline could pickle.
@@ -13,7 +14,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 
 PIPELINE_ENV = "RTML_PIPELINE"
@@ -34,9 +35,18 @@ def pipeline_module(name: str | None) -> ModuleType:
         if err.name != f"beam_pipelines.{name}":
             raise
         sys.exit(f"{PIPELINE_ENV}={name}: there is no module beam_pipelines.{name} in this image")
-    if not callable(getattr(module, "run", None)):
-        sys.exit(f"beam_pipelines.{name} has no run(argv) to start it with")
+    if entry_point(module) is None:
+        sys.exit(f"beam_pipelines.{name} has no start(argv) or run(argv) to start it with")
     return module
+
+
+def entry_point(module: ModuleType) -> Callable | None:
+    """The function that submits the module's job and returns: `start`, else `run`."""
+    for name in ("start", "run"):
+        function = getattr(module, name, None)
+        if callable(function):
+            return function
+    return None
 
 
 def _given(argv: list[str], flag: str) -> bool:
@@ -63,7 +73,7 @@ def launch(name: str | None, argv: list[str]):
     module = pipeline_module(name)
     args = pipeline_args(argv)
     _LOG.info("starting beam_pipelines.%s", name)
-    return module.run(args)
+    return entry_point(module)(args)
 
 
 def main(argv: list[str] | None = None) -> None:

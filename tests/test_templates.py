@@ -43,7 +43,6 @@ class DryRun:
 
 
 # One line per pipeline module; validate and featurize are score's front half on their own.
-# train has none: its run() waits for its analysis job and trains in the launching process.
 DRY_RUNS = (
     DryRun(
         "backfill",
@@ -61,6 +60,32 @@ DRY_RUNS = (
             "WriteExamples",
             "RejectedToJson",
             "WriteRejected",
+        ),
+    ),
+    DryRun(
+        "train",
+        streaming=False,
+        args=(
+            "--examples=gs://fake-bucket/examples",
+            "--train_start=2026-01-01",
+            "--train_end=2026-02-28",
+            "--model_dir=gs://fake-bucket/models",
+            "--work_dir=gs://fake-bucket/train-work",
+        ),
+        labels=(
+            "ReadExamples",
+            "SplitByTime",
+            "AnalyzeAndTransform",
+            "TransformValidation",
+            "WriteTransformFn",
+            "WriteTrain",
+            "WriteValidation",
+            "WriteValidationRaw",
+            "WriteStatistics",
+            "WriteValidationCounts",
+            "Written",
+            "Plan",
+            "TrainAndExport",
         ),
     ),
     DryRun(
@@ -158,9 +183,20 @@ REGEX_EXAMPLES = {
         "projects/my-project/topics/transactions",
     ),
     r"^[1-9][0-9]*$": ("8", "0"),
+    r"^[0-9]+$": ("42", "-1"),
+    r"^([1-9][0-9]*(\.[0-9]+)?|0?\.[0-9]*[1-9][0-9]*)$": ("20", "0"),
+    r"^[0-9]+(\.[0-9]+)?$": ("0.5", "-1"),
+    r"^0?\.[0-9]*[1-9][0-9]*$": ("0.02", "2"),
+    r"^(0?\.[0-9]*[1-9][0-9]*|1(\.0+)?)$": ("0.8", "80"),
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$": ("2026-01-01", "2026/01/01"),
+    r"^[A-Za-z0-9][-_.A-Za-z0-9]*$": ("v2026-03-01", "models/v1"),
     r"^[a-z][-a-z0-9]{4,31}[a-z0-9]$": ("rtml-features", "Features_1"),
     r"^[_a-zA-Z0-9][-_.a-zA-Z0-9]{0,49}$": ("features", "feature table"),
 }
+
+# Parameters whose sample must differ from their regex's first example: a training window must be
+# longer than its validation days (sampled as 8 from their regex), so its end lies after its start.
+PARAMETER_SAMPLES = {"train_end": "2026-02-28"}
 
 
 def _metadata(name: str) -> dict:
@@ -190,6 +226,40 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv("RTML_PIPELINE", raising=False)
     monkeypatch.delenv("RTML_SDK_CONTAINER_IMAGE", raising=False)
+    # TensorFlow reaches gs:// through its own C++ client, below the socket guards: refuse that too.
+    # tf.Transform makes its temp folder under --work_dir while the train graph is built (on
+    # Dataflow that is the launcher's one write, to the bucket); here the folder is local.
+    import tensorflow_transform.beam as tft_beam
+    from tensorflow.python.lib.io import file_io
+
+    monkeypatch.setattr(file_io, "_pywrap_file_io", _RefuseGcs(file_io._pywrap_file_io))
+
+    def local_tft_temp_dir(cls) -> str:
+        path = tmp_path / "tftransform_tmp"
+        path.mkdir(exist_ok=True)
+        return str(path)
+
+    monkeypatch.setattr(tft_beam.Context, "create_base_temp_dir", classmethod(local_tft_temp_dir))
+
+
+class _RefuseGcs:
+    """TensorFlow's file functions, each refusing a gs:// path."""
+
+    def __init__(self, functions):
+        self._functions = functions
+
+    def __getattr__(self, name):
+        function = getattr(self._functions, name)
+        if not callable(function):
+            return function
+
+        def guarded(*args, **kwargs):
+            for arg in (*args, *kwargs.values()):
+                if isinstance(arg, str | bytes) and arg[:5] in ("gs://", b"gs://"):
+                    raise AssertionError(f"a dry run tried to reach Cloud Storage through TensorFlow: {name}({arg!r})")
+            return function(*args, **kwargs)
+
+        return guarded
 
 
 def _launcher():
@@ -233,7 +303,9 @@ def _all_options_classes(cls=PipelineOptions) -> set[type]:
 
 
 def _sample(param: dict) -> str:
-    """A realistic value for a parameter: its regex's example, else one its option's type accepts."""
+    """A realistic value for a parameter: its own, its regex's example, else one its option's type accepts."""
+    if param["name"] in PARAMETER_SAMPLES:
+        return PARAMETER_SAMPLES[param["name"]]
     if param.get("regexes"):
         return REGEX_EXAMPLES[param["regexes"][0]][0]
     action = _flags(_all_options_classes()).get(param["name"], (None, None))[1]
@@ -250,8 +322,9 @@ def _template_args(name: str) -> list[str]:
 
 
 def _dry_run(module: str, argv) -> object:
-    """Translate `beam_pipelines.<module>` for Dataflow; the `apiclient.Job` it would submit."""
-    result = importlib.import_module(f"beam_pipelines.{module}").run(list(argv))
+    """Translate `beam_pipelines.<module>` for Dataflow, through the entry the launcher calls; the
+    `apiclient.Job` it would submit."""
+    result = _launcher().entry_point(importlib.import_module(f"beam_pipelines.{module}"))(list(argv))
     return result.job
 
 
@@ -316,6 +389,20 @@ def test_parameter_regexes_accept_a_realistic_value_and_reject_a_wrong_one(name)
             pattern = re.compile(regex)
             assert pattern.fullmatch(good), (param["name"], regex, good)
             assert not pattern.fullmatch(bad), (param["name"], regex, bad)
+            if param["name"] in PARAMETER_SAMPLES:
+                assert pattern.fullmatch(PARAMETER_SAMPLES[param["name"]]), (param["name"], regex)
+
+
+@pytest.mark.parametrize("name", TEMPLATE_NAMES)
+def test_enum_parameters_offer_exactly_their_option_s_choices(name):
+    importlib.import_module(f"beam_pipelines.{name}")  # registers its options classes
+    flags = _flags(_all_options_classes())
+    for param in _metadata(name)["parameters"]:
+        action = flags[param["name"]][1] if param["name"] in flags else None
+        if param.get("paramType") == "ENUM" or (action is not None and action.choices):
+            assert param.get("paramType") == "ENUM", f"{name}.{param['name']}: a choice of values is an ENUM"
+            values = [option["value"] for option in param.get("enumOptions", [])]
+            assert action is not None and values == list(action.choices), (param["name"], values)
 
 
 @pytest.mark.parametrize("name", TEMPLATE_NAMES)

@@ -189,9 +189,52 @@ def test_train_refuses_a_window_without_room_for_validation(examples_dir, tmp_pa
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
+def test_training_is_one_job_whose_last_step_publishes_the_version_and_removes_its_work_folder(examples_dir, tmp_path):
+    """What a Flex Template launches: one pipeline. A default version name taken between launch and
+    export moves aside to `-2`; the step's output is the version's metadata."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from beam_pipelines import options as opts
+    from beam_pipelines import train
+
+    model_dir, work = tmp_path / "models", tmp_path / "work"
+    options = PipelineOptions(
+        ["--examples", str(examples_dir), "--train_start", TRAIN[0], "--train_end", TRAIN[1],
+         "--model_dir", str(model_dir), "--work_dir", str(work), "--epochs", "2"]
+    )
+    opts.prepare_local_run(options, streaming=False)
+    plan = train.make_plan(options, verbose=0)
+    assert plan.default_version and plan.work_dir.startswith(str(work / plan.version))
+    (model_dir / plan.version).mkdir(parents=True)  # taken after the launch
+    expected = f"{plan.version}-2"
+    pipeline = beam.Pipeline(options=options)
+    built = train.build(pipeline, options, plan)
+    summary = built.metadata | beam.Map(
+        lambda m: (m["version"], m["path"], m["model"]["epochs_run"], sorted(m["timings_s"]), m["files"] == loader.file_hashes(m["path"]))
+    )
+    assert_that(summary, equal_to([(expected, str(model_dir / expected), 2, ["analyze", "train_and_export"], True)]))
+    pipeline.run().wait_until_finish()
+    assert loader.verify(str(model_dir / expected))["version"] == expected
+    assert work.is_dir() and not list(work.iterdir())  # the run's sub-folder is gone, the folder given stays
+
+
+@pytest.mark.slow
+def test_train_refuses_a_given_version_that_exists_before_doing_any_work(examples_dir, tmp_path):
+    from beam_pipelines import train
+
+    (tmp_path / "v1").mkdir()
+    with pytest.raises(ValueError, match="v1 exists already"):
+        train.run(["--examples", str(examples_dir), "--train_start", TRAIN[0], "--train_end", TRAIN[1],
+                   "--model_dir", str(tmp_path), "--model_version", "v1"])
+    assert [path.name for path in tmp_path.iterdir()] == ["v1"]
+
+
 @pytest.fixture(scope="module")
 def analyzed(examples_dir, tmp_path_factory):
-    """The training pipeline's Beam part alone: transformed splits and the transform graph."""
+    """The training pipeline's analysis alone: transformed splits and the transform graph."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -204,7 +247,7 @@ def analyzed(examples_dir, tmp_path_factory):
     )
     opts.prepare_local_run(options, streaming=False)
     pipeline = beam.Pipeline(options=options)
-    train.build(pipeline, options, str(work))
+    train.analyze(pipeline, options, str(work))
     pipeline.run().wait_until_finish()
     return work
 
