@@ -6,6 +6,9 @@ process start-up are outside the timed part):
   (about 1.8 million transactions, examples written and feature state loaded into Bigtable),
   next to `bench/plain_features.py`, a plain single-process Python implementation of the same
   features over the same file;
+- kernels and chains: `bench/chain.py`, microseconds per event of validation, features and the
+  model alone (batch 1, 64, 256), and 100,000 transactions through the full chain against the
+  null chain in a batch pipeline;
 - scoring: `bench/streaming.py`, the passthrough pipeline against the scoring pipeline on the
   emulators (maximum throughput, and latency at 100 events/s);
 - streaming Bigtable RPCs: the feature pipeline on the bundle-based DirectRunner against the
@@ -197,6 +200,21 @@ def write_report(results: dict) -> None:
             f"second half {s.get('second_half_rpcs_per_1000_transactions', '-')} | one RPC per event: 1,000 | "
             f"{round(s['rpcs_per_1000_events'] / 1000, 3)} | < 100 per 1,000 |"
         )
+    k, ch = results.get("kernels"), results.get("chain")
+    if k:
+        infer = k["infer_us_per_event_by_batch_size"]
+        lines.append(
+            f"| kernels, one process | plain Python / TensorFlow | validate {k['validate_us_per_event']} us/event, features "
+            f"{k['features_us_per_event']} us/event, model alone {infer['1']} / {infer['64']} / {infer['256']} us/event at "
+            "batch 1 / 64 / 256 | - | - | - |"
+        )
+    if ch:
+        lines.append(
+            f"| full chain (validate, features, RunInference, insight), {ch['events']:,} transactions, batch | FnApiRunner, "
+            f"1 process, Bigtable emulator | {ch['full_chain_events_per_s']:,} events/s (mean inference batch "
+            f"{ch['mean_inference_batch_size']}) | null chain (validate, format): {ch['null_chain_events_per_s']:,} events/s | "
+            f"{ch['ratio_full_to_null']} | - |"
+        )
     c = results.get("scoring")
     if c:
         p, q = c["passthrough"], c["scoring"]
@@ -221,7 +239,7 @@ def write_report(results: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per timed phase, median kept (default: 3)")
-    parser.add_argument("--only", choices=["backfill", "streaming", "scoring"], help="run one phase only")
+    parser.add_argument("--only", choices=["backfill", "streaming", "scoring", "chain"], help="run one phase only")
     args = parser.parse_args(argv)
     from rtml import config, emulators
 
@@ -247,10 +265,18 @@ def main(argv=None) -> int:
         if args.only in (None, "streaming"):
             results["streaming_rpcs"] = bench_streaming_rpcs(services)
             _log(json.dumps(results["streaming_rpcs"]))
-        if args.only in (None, "scoring"):
-            from bench.streaming import bench_scoring
+        if args.only in (None, "scoring", "chain"):
+            from bench import chain, streaming
 
-            results["scoring"] = bench_scoring(services, args.repeat, _log)
+            models = streaming.model_dir(Path(tempfile.mkdtemp(prefix="bench-model-")), _log)
+        if args.only in (None, "chain"):
+            history = simulated("chain", days=30, customers=1700, terminals=3400, seed=5)
+            results["kernels"] = chain.bench_kernels(history, models, args.repeat)
+            _log(json.dumps(results["kernels"]))
+            results["chain"] = chain.bench_chains(services, history, models, args.repeat, _log)
+            _log(json.dumps(results["chain"]))
+        if args.only in (None, "scoring"):
+            results["scoring"] = streaming.bench_scoring(services, args.repeat, _log, models)
             _log(json.dumps(results["scoring"]))
     finally:
         emulators.stop(state=state, log=_log)

@@ -14,6 +14,7 @@ scoring on a fresh feature table.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -39,7 +40,7 @@ def _transactions_only(source: Path, out: Path, skip: int, count: int) -> Path:
     return out
 
 
-def _model_dir(work: Path, log) -> Path:
+def model_dir(work: Path, log) -> Path:
     """A small exported model: simulate, backfill, `rtml train` (the same steps a user runs)."""
     from beam_pipelines import backfill, train
     from rtml import simulator
@@ -89,6 +90,9 @@ def _run_pipeline(services, module: str, args: list[str], output_topic_key: str,
             loadtest.drive(files["warmup"], project, topics, subscription, None, WARMUP, job, progress=False, idle_timeout_s=300)
             burst = loadtest.drive(files["burst"], project, topics, subscription, None, EVENTS, job, progress=False)
             paced = loadtest.drive(files["paced"], project, topics, subscription, None, EVENTS, job, rate=PACED_RATE, progress=False)
+        batches, examples = logged_batches(work / f"{module}-{attempt}.log")
+        results.setdefault("inference_batches_logged", []).append(batches)
+        results.setdefault("mean_inference_batch_size", []).append(round(examples / batches, 2) if batches else None)
         if len(burst.outputs) != EVENTS or len(paced.outputs) != EVENTS:
             raise RuntimeError(f"{module}: expected {EVENTS} outputs, got {len(burst.outputs)} and {len(paced.outputs)}")
         p50, p99 = paced.latency_percentiles(50, 99)
@@ -97,21 +101,36 @@ def _run_pipeline(services, module: str, args: list[str], output_topic_key: str,
         results["p50_ms"].append(round(p50, 1))
         results["p99_ms"].append(round(p99, 1))
         log(f"{module} run {attempt + 1}: {json.dumps({k: v[-1] for k, v in results.items()})}")
-    return {key: {"median": statistics.median(values), "runs": values} for key, values in results.items()}
+    return {
+        key: {"median": statistics.median([v for v in values if v is not None] or [0]), "runs": values}
+        for key, values in results.items()
+    }
 
 
-def bench_scoring(services, repeat: int, log) -> dict:
+def logged_batches(log: Path) -> tuple[int, int]:
+    """Inference batches and transactions from the scoring pipeline's periodic log summaries."""
+    batches = examples = 0
+    pattern = re.compile(r"inference: (\d+) batches, (\d+) transactions")
+    for line in log.read_text(errors="replace").splitlines():
+        match = pattern.search(line)
+        if match:
+            batches += int(match.group(1))
+            examples += int(match.group(2))
+    return batches, examples
+
+
+def bench_scoring(services, repeat: int, log, models: Path | None = None) -> dict:
     from rtml import config, simulator
 
     work = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
-    model_dir = _model_dir(work, log)
+    models = models or model_dir(work, log)
     source = work / "stream.jsonl"
     simulator.simulate_to_file(simulator.SimulationConfig(days=14, customers=1500, terminals=3000, seed=21), source)
     log("passthrough pipeline (beam_pipelines.validate)")
     passthrough = _run_pipeline(services, "beam_pipelines.validate", [], config.VALIDATED_TOPIC, source, work, log, repeat)
     log("scoring pipeline (beam_pipelines.score)")
     scoring = _run_pipeline(
-        services, "beam_pipelines.score", [f"--model_dir={model_dir}"], config.INSIGHTS_TOPIC, source, work, log, repeat
+        services, "beam_pipelines.score", [f"--model_dir={models}"], config.INSIGHTS_TOPIC, source, work, log, repeat
     )
     return {
         "events": EVENTS,

@@ -73,7 +73,14 @@ ERROR_KINDS = (
     "timestamp_without_zone",
     "timestamp_unparsable",
     "reported_before_event",
+    "bad_attributes",
 )
+
+# Pub/Sub's own limits are 100 attributes, keys of 256 bytes and values of 1024 bytes; the
+# project's publishers send 3 or 4, so anything near those limits is abuse, rejected unparsed.
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_KEY_BYTES = 256
+MAX_ATTRIBUTE_VALUE_BYTES = 1024
 
 
 def format_timestamp(micros: int) -> str:
@@ -140,6 +147,31 @@ def decode_object(payload: bytes) -> dict[str, Any]:
 
 TRANSACTION_FIELDS = ("transaction_id", "event_time", "customer_id", "terminal_id", "amount")
 FEEDBACK_FIELDS = ("transaction_id", "customer_id", "terminal_id", "event_time", "reported_at", "is_fraud")
+
+
+def check_attributes(attributes: Mapping[str, Any] | None) -> None:
+    """Reject abusive message attributes (too many, too long, not text) before the payload is parsed."""
+    if not attributes:
+        return
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise InvalidMessage("bad_attributes", f"attributes: at most {MAX_ATTRIBUTES} allowed, got {len(attributes)}")
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidMessage("bad_attributes", f"attributes: keys and values must be strings, got {_json_type(value)} for {_quote(str(key))}")
+        if len(key.encode("utf-8")) > MAX_ATTRIBUTE_KEY_BYTES:
+            raise InvalidMessage("bad_attributes", f"attributes: key {_quote(key)} is longer than {MAX_ATTRIBUTE_KEY_BYTES} bytes")
+        if len(value.encode("utf-8")) > MAX_ATTRIBUTE_VALUE_BYTES:
+            raise InvalidMessage(
+                "bad_attributes", f"attributes: value of {_quote(key)} is longer than {MAX_ATTRIBUTE_VALUE_BYTES} bytes"
+            )
+
+
+def kept_attributes(attributes: Mapping[str, Any] | None) -> dict[str, str]:
+    """Attributes as a dead letter keeps them: at most `MAX_ATTRIBUTES`, each cut to the limits."""
+    kept = {}
+    for key, value in list((attributes or {}).items())[:MAX_ATTRIBUTES]:
+        kept[str(key)[:MAX_ATTRIBUTE_KEY_BYTES]] = str(value)[:MAX_ATTRIBUTE_VALUE_BYTES]
+    return kept
 
 
 def parse_transaction(payload: bytes) -> Transaction:
@@ -232,7 +264,7 @@ def dead_letter(
         "source": source,
         "error": error,
         "payload_base64": base64.b64encode(payload).decode("ascii"),
-        "attributes": dict(attributes or {}),
+        "attributes": kept_attributes(attributes),
         "received_at": format_timestamp(received_at_us),
     }
 

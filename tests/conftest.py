@@ -12,13 +12,19 @@ from rtml import config, emulators
 
 
 @pytest.fixture(scope="session")
-def services(tmp_path_factory) -> config.LocalServices:
+def emulator_state(tmp_path_factory) -> Path:
+    """Where the session's emulators record their process groups (the fault tests signal them)."""
+    return tmp_path_factory.mktemp("emulators")
+
+
+@pytest.fixture(scope="session")
+def services(emulator_state) -> config.LocalServices:
     """The local emulators on free ports (so a developer's own `rtml up` is left alone).
 
     Started and stopped with the same code as `rtml up` / `rtml down`; the test process's
     environment points Google's clients at them for the whole session.
     """
-    state = tmp_path_factory.mktemp("emulators")
+    state = emulator_state
     local = config.LocalServices(
         pubsub_host=f"localhost:{emulators.free_port()}",
         bigtable_host=f"localhost:{emulators.free_port()}",

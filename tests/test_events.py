@@ -134,8 +134,32 @@ def test_invalid_feedback_is_rejected_naming_field_and_rule(payload, kind, words
         assert word.lower() in str(caught.value).lower()
 
 
+ATTRIBUTE_FAILURES = [
+    ({f"k{i}": "v" for i in range(33)}, ["at most 32", "got 33"]),
+    ({"k" * 257: "v"}, ["longer than 256 bytes"]),
+    ({"transaction_id": "x" * 1025}, ["transaction_id", "longer than 1024 bytes"]),
+    ({"transaction_id": 7}, ["strings", "number"]),
+]
+
+
+@pytest.mark.parametrize("attributes, words", ATTRIBUTE_FAILURES)
+def test_abusive_attributes_are_rejected_before_parsing(attributes, words):
+    with pytest.raises(events.InvalidMessage) as caught:
+        events.check_attributes(attributes)
+    assert caught.value.kind == "bad_attributes"
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_ordinary_attributes_pass_and_dead_letters_keep_them_within_limits():
+    events.check_attributes({"transaction_id": "tx1", "event_id": "tx1", "published_at": "2026-01-01T00:00:00Z"})
+    events.check_attributes({f"k{i}": "v" * 1024 for i in range(32)})
+    kept = events.kept_attributes({f"k{i}": "v" * 5000 for i in range(100)})
+    assert len(kept) == 32 and all(len(v) == 1024 for v in kept.values())
+
+
 def test_every_error_kind_has_a_failing_example():
-    covered = {kind for _, kind, _ in TRANSACTION_FAILURES + FEEDBACK_FAILURES}
+    covered = {kind for _, kind, _ in TRANSACTION_FAILURES + FEEDBACK_FAILURES} | {"bad_attributes"}
     assert covered == set(events.ERROR_KINDS)
 
 

@@ -150,7 +150,7 @@ class CustomerFeaturesFn(_EntityFn):
             state = cached
         if state.watermark_us is not None and tx.event_time_us < state.watermark_us:
             self._late.inc()
-            _LOG.info(
+            _LOG.debug(  # ids are customer data: never at INFO
                 "late transaction %s for customer %s: %.3f s behind the customer's latest",
                 tx.transaction_id,
                 customer_id,

@@ -25,6 +25,7 @@ import math
 import posixpath
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -45,6 +46,32 @@ FEATURES_ERROR_KIND = "invalid_features"
 
 def _counter(name: str):
     return Metrics.counter(NAMESPACE, name)
+
+
+# Realized inference batch sizes in this process (size -> batches), next to the Beam
+# distribution `scoring/inference_batch_size`: local runners do not report streaming metrics
+# back to the launching process, so benchmarks read this, and the handler logs a summary.
+BATCH_SIZES: Counter = Counter()
+BATCH_LOG_INTERVAL_S = 30.0
+_batch_log = {"at": time.monotonic(), "batches": 0, "examples": 0}
+_batch_lock = threading.Lock()
+
+
+def record_batch(size: int) -> None:
+    """Count an inference batch, and log the sizes since the last summary every 30 s."""
+    with _batch_lock:
+        BATCH_SIZES[size] += 1
+        _batch_log["batches"] += 1
+        _batch_log["examples"] += size
+        if time.monotonic() - _batch_log["at"] >= BATCH_LOG_INTERVAL_S:
+            _LOG.info(
+                "inference: %d batches, %d transactions, mean batch size %.2f in the last %.0f s",
+                _batch_log["batches"],
+                _batch_log["examples"],
+                _batch_log["examples"] / _batch_log["batches"],
+                time.monotonic() - _batch_log["at"],
+            )
+            _batch_log.update(at=time.monotonic(), batches=0, examples=0)
 
 
 class ScoringExample(NamedTuple):
@@ -158,6 +185,7 @@ class FraudModelHandler(ModelHandler[ScoringExample, dict, ModelSlot]):
 
         served = model.refresh()
         Metrics.distribution(NAMESPACE, "inference_batch_size").update(len(batch))
+        record_batch(len(batch))
         problems = [feature_problem(example.features) for example in batch]
         usable = [example for example, problem in zip(batch, problems, strict=True) if problem is None]
         results = {}

@@ -48,6 +48,7 @@ class ValidateMessageFn(beam.DoFn):
     def process(self, message: Any):
         payload, attributes = message_parts(message)
         try:
+            events.check_attributes(attributes)
             event = self._parse(payload)
         except events.InvalidMessage as err:
             kind, error = err.kind, str(err)

@@ -1,0 +1,122 @@
+"""Fault injection against the real emulators and the real scoring pipeline (`beam_pipelines.score`).
+
+Each test ends with an exact reconciliation: every transaction is exactly one insight, every bad
+message exactly one dead letter, and every insight's features equal a fault-free computation
+(the backfill over the same events).
+"""
+
+import base64
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from models import loader
+from rtml import emulators, pubsub_tools, simulator
+from rtml.features import FEATURE_NAMES
+from rtml.processes import PipelineProcess
+from tests.conftest import make_topics
+from tests.feature_runs import new_table, run_backfill
+from tests.pubsub_helpers import collect
+from tests.test_serving import check_insight_fields, copy_version, score_args
+
+pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.fault]
+
+
+def _history(tmp_path, days=3, customers=150, seed=13):
+    path = tmp_path / "stream.jsonl"
+    simulator.simulate_to_file(simulator.SimulationConfig(days=days, customers=customers, terminals=2 * customers, seed=seed), path)
+    return path
+
+
+def _reference(services, path, tmp_path) -> dict[str, dict]:
+    """Features of every transaction from the backfill (no Pub/Sub, no faults)."""
+    rows = run_backfill(services, [path], tmp_path / "reference", table=None)
+    return {tx: {name: row[name] for name in FEATURE_NAMES} for tx, row in rows.items()}
+
+
+def _publish(services, topics, path, **kwargs):
+    return pubsub_tools.replay(
+        path,
+        project=services.project,
+        transactions_topic=topics["transactions"],
+        feedback_topic=topics["fraud-feedback"],
+        progress=False,
+        **kwargs,
+    )
+
+
+def _reconcile(insights: list[dict], reference: dict[str, dict]) -> None:
+    ids = [insight["transaction_id"] for insight in insights]
+    assert len(ids) == len(set(ids)), "a transaction was scored twice"
+    assert set(ids) == set(reference), f"missing {len(set(reference) - set(ids))}, unexpected {len(set(ids) - set(reference))}"
+    for insight in insights:
+        expected = reference[insight["transaction_id"]]
+        for name, value in expected.items():
+            assert insight["features"][name] == pytest.approx(value, abs=1e-9), (insight["transaction_id"], name)
+
+
+def _serve(services, tmp_path, trained, name):
+    topics = make_topics(services)
+    table = new_table(services, name)
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    copy_version(trained.version, model_dir, "20260301-000000")
+    return topics, PipelineProcess("beam_pipelines.score", score_args(services, topics, table, model_dir), tmp_path / "score.log")
+
+
+def test_a_malformed_flood_with_every_message_delivered_twice(services, trained, tmp_path):
+    path = _history(tmp_path)
+    reference = _reference(services, path, tmp_path)
+    topics, job = _serve(services, tmp_path, trained, "fault-flood")
+    with job:
+        first = _publish(services, topics, path, malformed_rate=0.10, seed=1)
+        second = _publish(services, topics, path, malformed_rate=0.10, seed=1)  # the same messages again
+        messages = collect(topics["fraud-insights"] + "-sub", services.project, len(reference), 600, process=job)
+        bad = sum(first.malformed.values()) + sum(second.malformed.values())
+        dead = collect(topics["dead-letter"] + "-sub", services.project, bad, 120, process=job)
+    assert sum(first.malformed.values()) >= 0.08 * first.transactions
+    assert len(first.malformed) == len(pubsub_tools.MALFORMED_KINDS)  # every kind of breakage
+    insights = [json.loads(m.data) for m in messages]
+    _reconcile(insights, reference)
+    metadata = json.loads((tmp_path / "models" / "20260301-000000" / loader.METADATA_FILE).read_text())
+    for message, insight in zip(messages, insights, strict=True):
+        check_insight_fields(insight, dict(message.attributes), metadata)
+    assert len(dead) == bad
+    for message in dead:
+        record = json.loads(message.data)
+        assert record["error"] and record["source"] in ("transactions", "fraud-feedback")
+        assert base64.b64decode(record["payload_base64"]) is not None and message.attributes["error_kind"]
+    assert {m.attributes["error_kind"] for m in dead} >= {"not_json", "missing_field"}
+
+
+def _freeze(pgid: int, seconds: float) -> None:
+    os.killpg(pgid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
+
+
+def test_frozen_bigtable_then_frozen_pubsub_mid_stream_lose_nothing(services, emulator_state, trained, tmp_path):
+    path = _history(tmp_path, seed=17)
+    reference = _reference(services, path, tmp_path)
+    pids = {row["emulator"]: row["pid"] for row in emulators.status(services, state=emulator_state)}
+    topics, job = _serve(services, tmp_path, trained, "fault-freeze")
+    with job:
+        replay = threading.Thread(target=_publish, args=(services, topics, path), kwargs={"rate": 25.0})
+        replay.start()
+        subscription = topics["fraud-insights"] + "-sub"
+        got = []
+        while len(got) < 50:  # the pipeline is up and scoring
+            job.check_running()
+            pubsub_tools.pull(subscription, services.project, count=50 - len(got), idle_timeout=2.0, on_message=got.append)
+        _freeze(pids["bigtable"], 20)
+        time.sleep(5)
+        _freeze(pids["pubsub"], 20)
+        replay.join()
+        got += collect(subscription, services.project, len(reference) - len(got), 600, process=job)
+    _reconcile([json.loads(m.data) for m in got], reference)
