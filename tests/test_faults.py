@@ -8,6 +8,7 @@ message exactly one dead letter, and every insight's features equal a fault-free
 import base64
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -68,8 +69,8 @@ def _serve(services, tmp_path, trained, name):
     return topics, PipelineProcess("beam_pipelines.score", score_args(services, topics, table, model_dir), tmp_path / "score.log")
 
 
-def test_a_malformed_flood_with_every_message_delivered_twice(services, trained, tmp_path):
-    path = _history(tmp_path)
+def test_a_week_with_a_malformed_flood_and_every_message_delivered_twice(services, trained, tmp_path):
+    path = _history(tmp_path, days=7, customers=70)
     reference = _reference(services, path, tmp_path)
     topics, job = _serve(services, tmp_path, trained, "fault-flood")
     with job:
@@ -91,6 +92,10 @@ def test_a_malformed_flood_with_every_message_delivered_twice(services, trained,
         assert record["error"] and record["source"] in ("transactions", "fraud-feedback")
         assert base64.b64decode(record["payload_base64"]) is not None and message.attributes["error_kind"]
     assert {m.attributes["error_kind"] for m in dead} >= {"not_json", "missing_field"}
+    # Logs at INFO carry no payloads: no ids, no JSON of a message.
+    log = (tmp_path / "score.log").read_text(errors="replace")
+    assert "INFO" in log
+    assert not re.search(r"tx\d{6,}|C\d{4,}|T\d{5,}|\"transaction_id\"|\"amount\"", log)
 
 
 def _freeze(pgid: int, seconds: float) -> None:

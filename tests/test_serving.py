@@ -73,6 +73,7 @@ def check_insight_fields(insight: dict, attributes: dict, metadata: dict) -> Non
     }
 
 
+@pytest.mark.fault
 def test_a_new_version_is_picked_up_live_and_a_tampered_one_is_refused(services, trained, tmp_path):
     topics = make_topics(services)
     table = new_table(services, "score-swap")
