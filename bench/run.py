@@ -220,7 +220,8 @@ def write_report(results: dict) -> None:
         p, q = c["passthrough"], c["scoring"]
         lines.append(
             f"| streaming throughput, {c['events']:,} transactions published at once | bundle-based DirectRunner + emulators | "
-            f"scoring: {q['max_throughput_per_s']['median']} events/s | passthrough (validate -> write): "
+            f"scoring: {q['max_throughput_per_s']['median']} events/s (mean inference batch "
+            f"{q.get('mean_inference_batch_size', {}).get('median', '-')}) | passthrough (validate -> write): "
             f"{p['max_throughput_per_s']['median']} events/s | {c['throughput_ratio']} | >= 0.9 |"
         )
         lines.append(
