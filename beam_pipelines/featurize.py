@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import options as opts
-from rtml import config
+from rtml import config, events
 from transforms.features import ComputeFeatures, FeaturedTransaction, WriteEntityCells
 from transforms.validation import ReadEvents, WriteDeadLetters
 
@@ -31,15 +31,7 @@ class FeaturizePipeline(NamedTuple):
 
 
 def feature_record(item: FeaturedTransaction) -> dict:
-    tx = item.transaction
-    return {
-        "transaction_id": tx.transaction_id,
-        "customer_id": tx.customer_id,
-        "terminal_id": tx.terminal_id,
-        "event_time": tx.event_time,
-        "amount": tx.amount,
-        "features": item.features,
-    }
+    return {**events.contract_fields(item.transaction), "features": item.features}
 
 
 def feature_message(item) -> PubsubMessage:
@@ -48,15 +40,25 @@ def feature_message(item) -> PubsubMessage:
     return PubsubMessage(data, {"transaction_id": item.transaction.transaction_id})
 
 
-def build(pipeline: beam.Pipeline, options: PipelineOptions) -> FeaturizePipeline:
+def read_and_featurize(pipeline: beam.Pipeline, options: PipelineOptions):
+    """The front half shared with scoring: Pub/Sub -> validation -> features, state written back.
+
+    Returns `(io options, InputEvents, ComputedFeatures)`; step labels are the same in both
+    pipelines (ReadEvents, ComputeFeatures, WriteEntityCells).
+    """
     io = opts.resolve_streaming_io(options)
-    output_topic = opts.resolve_output_topic(options, config.FEATURES_TOPIC)
     store = opts.store_config(options)
     inputs = pipeline | "ReadEvents" >> ReadEvents(
         io.transactions_subscription, io.feedback_subscription, io.id_label, io.timestamp_attribute
     )
     computed = (inputs.transactions, inputs.feedback) | "ComputeFeatures" >> ComputeFeatures(store)
     _ = computed.mutations | "WriteEntityCells" >> WriteEntityCells(store)
+    return io, inputs, computed
+
+
+def build(pipeline: beam.Pipeline, options: PipelineOptions) -> FeaturizePipeline:
+    output_topic = opts.resolve_output_topic(options, config.FEATURES_TOPIC)
+    io, inputs, computed = read_and_featurize(pipeline, options)
     _ = (
         computed.transactions
         | "ToMessage" >> beam.Map(feature_message)

@@ -20,10 +20,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import options as opts
+from beam_pipelines.featurize import read_and_featurize
 from rtml import config
-from transforms.features import ComputeFeatures, WriteEntityCells
 from transforms.scoring import FraudModelHandler, ScoreTransactions, insight_message
-from transforms.validation import ReadEvents, WriteDeadLetters
+from transforms.validation import WriteDeadLetters
 
 
 class ScoreOptions(PipelineOptions):
@@ -87,14 +87,8 @@ def check(options: PipelineOptions) -> str:
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
     model_dir = check(options)
     args = options.view_as(ScoreOptions)
-    io = opts.resolve_streaming_io(options)
     output_topic = opts.resolve_output_topic(options, config.INSIGHTS_TOPIC)
-    store = opts.store_config(options)
-    inputs = pipeline | "ReadEvents" >> ReadEvents(
-        io.transactions_subscription, io.feedback_subscription, io.id_label, io.timestamp_attribute
-    )
-    computed = (inputs.transactions, inputs.feedback) | "ComputeFeatures" >> ComputeFeatures(store)
-    _ = computed.mutations | "WriteEntityCells" >> WriteEntityCells(store)
+    io, inputs, computed = read_and_featurize(pipeline, options)
     by_side_input = args.model_updates == "side_input"
     handler = FraudModelHandler(
         model_dir,

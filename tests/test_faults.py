@@ -22,7 +22,7 @@ from rtml.processes import PipelineProcess
 from tests.conftest import make_topics
 from tests.feature_runs import new_table, run_backfill
 from tests.pubsub_helpers import collect
-from tests.test_serving import check_insight_fields, copy_version, score_args
+from tests.test_serving import check_insight_fields, copy_version, publish_replay, score_args
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.fault]
 
@@ -37,17 +37,6 @@ def _reference(services, path, tmp_path) -> dict[str, dict]:
     """Features of every transaction from the backfill (no Pub/Sub, no faults)."""
     rows = run_backfill(services, [path], tmp_path / "reference", table=None)
     return {tx: {name: row[name] for name in FEATURE_NAMES} for tx, row in rows.items()}
-
-
-def _publish(services, topics, path, **kwargs):
-    return pubsub_tools.replay(
-        path,
-        project=services.project,
-        transactions_topic=topics["transactions"],
-        feedback_topic=topics["fraud-feedback"],
-        progress=False,
-        **kwargs,
-    )
 
 
 def _reconcile(insights: list[dict], reference: dict[str, dict]) -> None:
@@ -74,8 +63,8 @@ def test_a_week_with_a_malformed_flood_and_every_message_delivered_twice(service
     reference = _reference(services, path, tmp_path)
     topics, job = _serve(services, tmp_path, trained, "fault-flood")
     with job:
-        first = _publish(services, topics, path, malformed_rate=0.10, seed=1)
-        second = _publish(services, topics, path, malformed_rate=0.10, seed=1)  # the same messages again
+        first = publish_replay(services, topics, path, malformed_rate=0.10, seed=1)
+        second = publish_replay(services, topics, path, malformed_rate=0.10, seed=1)  # the same messages again
         messages = collect(topics["fraud-insights"] + "-sub", services.project, len(reference), 600, process=job)
         bad = sum(first.malformed.values()) + sum(second.malformed.values())
         dead = collect(topics["dead-letter"] + "-sub", services.project, bad, 120, process=job)
@@ -112,7 +101,7 @@ def test_frozen_bigtable_then_frozen_pubsub_mid_stream_lose_nothing(services, em
     pids = {row["emulator"]: row["pid"] for row in emulators.status(services, state=emulator_state)}
     topics, job = _serve(services, tmp_path, trained, "fault-freeze")
     with job:
-        replay = threading.Thread(target=_publish, args=(services, topics, path), kwargs={"rate": 25.0})
+        replay = threading.Thread(target=publish_replay, args=(services, topics, path), kwargs={"rate": 25.0})
         replay.start()
         subscription = topics["fraud-insights"] + "-sub"
         got = []

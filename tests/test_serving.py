@@ -43,7 +43,8 @@ def copy_version(source: str, model_dir: Path, name: str) -> Path:
     return model_dir / name
 
 
-def _replay(services, topics, path, **kwargs):
+def publish_replay(services, topics, path, **kwargs):
+    """Publish a replay file to a test's own input topics."""
     return pubsub_tools.replay(
         path,
         project=services.project,
@@ -86,7 +87,7 @@ def test_a_new_version_is_picked_up_live_and_a_tampered_one_is_refused(services,
     log = tmp_path / "score.log"
     published = {}
     with PipelineProcess("beam_pipelines.score", score_args(services, topics, table, model_dir), log) as job:
-        replay = threading.Thread(target=_replay, args=(services, topics, stream), kwargs={"rate": 30.0})  # about 66 s of traffic
+        replay = threading.Thread(target=publish_replay, args=(services, topics, stream), kwargs={"rate": 30.0})  # about 66 s of traffic
         replay.start()
         subscription = topics["fraud-insights"] + "-sub"
         first = []  # wait until the first version is serving

@@ -228,13 +228,8 @@ def to_scoring_example(featured, timestamp=beam.DoFn.TimestampParam) -> tuple[st
 
 def insight_record(example: ScoringExample, inference: dict, processed_at_us: int) -> dict:
     """The contract's insight object."""
-    tx = example.transaction
     return {
-        "transaction_id": tx.transaction_id,
-        "customer_id": tx.customer_id,
-        "terminal_id": tx.terminal_id,
-        "event_time": tx.event_time,
-        "amount": tx.amount,
+        **events.contract_fields(example.transaction),
         "score": inference["score"],
         "decision": inference["decision"],
         "model_version": inference["model_version"],
