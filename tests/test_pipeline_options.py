@@ -117,3 +117,21 @@ def test_every_pipeline_module_can_be_imported_in_one_process_and_its_options_pa
     assert opts.resolve_output_topic(explicit, config.VALIDATED_TOPIC) == "projects/p/topics/mine"
     with pytest.raises(ValueError, match="projects/PROJECT/topics/NAME"):
         opts.resolve_output_topic(PipelineOptions(["--output_topic=mine"]), config.VALIDATED_TOPIC)
+
+
+@pytest.mark.parametrize("module", ["featurize", "score"])
+def test_stateful_steps_get_deterministic_key_coders(clean_env, caplog, tmp_path, module):
+    """Keyed state needs a deterministic key coder (Dataflow matches state by encoded key)."""
+    import importlib
+    import logging
+
+    import apache_beam as beam
+
+    pipeline_module = importlib.import_module(f"beam_pipelines.{module}")
+    options = PipelineOptions(["--project=rtml-local", f"--model_dir={tmp_path}"])
+    opts.prepare_local_run(options, streaming=True)
+    pipeline = beam.Pipeline(options=options)
+    with caplog.at_level(logging.WARNING):
+        pipeline_module.build(pipeline, options)
+        pipeline.to_runner_api()
+    assert "may not be deterministic" not in caplog.text

@@ -245,13 +245,15 @@ class ComputeFeatures(beam.PTransform):
         reports = (
             feedback
             | "LoadFeedbackEntities" >> beam.ParDo(LoadEntitiesFn(self._config))
-            | "KeyFeedbackByTerminal" >> beam.Map(lambda loaded: (loaded[0].terminal_id, ("fb", loaded)))
+            | "KeyFeedbackByTerminal"
+            >> beam.Map(lambda loaded: (loaded[0].terminal_id, ("fb", loaded))).with_output_types(tuple[str, Any])
         )
         terminals = (
             (customers.featured, reports)
             | "MergeTerminalInputs" >> beam.Flatten()
             | "TerminalFeatures"
             >> beam.ParDo(TerminalFeaturesFn(self._config))
+            .with_input_types(tuple[str, Any])  # str keys: a deterministic key coder for the state
             .with_output_types(FeaturedTransaction)
             .with_outputs(MUTATIONS_TAG, main="featured")
         )
