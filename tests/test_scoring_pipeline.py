@@ -120,3 +120,21 @@ def test_a_failing_inference_batch_becomes_dead_letters_and_the_stream_goes_on(t
         scored = pipeline | stream.advance_watermark_to_infinity() | ScoreTransactions(handler, str(trained.model_dir))
         assert_that(scored.insights, check_insights, label="CheckInsights")
         assert_that(scored.dead_letters, check_dead_letters, label="CheckDeadLetters")
+
+
+def test_a_refused_newest_version_does_not_hide_a_valid_one_published_before_it(trained, tmp_path):
+    from tests.test_serving import copy_version
+    from transforms.scoring import ModelSlot
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    copy_version(trained.version, model_dir, "20260301-000001")
+    slot = ModelSlot(str(model_dir), poll_secs=0.0)
+    slot.load_newest()
+    assert slot.current.version == "20260301-000001"
+    # Between two looks, a valid version and then a broken one appear.
+    copy_version(trained.version, model_dir, "20260301-000002")
+    broken = copy_version(trained.version, model_dir, "20260301-000003")
+    (broken / "report" / "loss.png").unlink()
+    assert slot.refresh().version == "20260301-000002"
+    assert slot.refresh().version == "20260301-000002"  # the refused one is not tried again

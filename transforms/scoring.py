@@ -4,8 +4,7 @@
 with `tf.saved_model.load`, scores a whole batch with one call of the `explain` signature
 (scores and per-feature contributions together), and turns them into decisions and reasons
 with the version's own thresholds. Beam's `RunInference` runs it, watches the model folder
-for new versions (`<model_dir>/*/metadata.json`) and routes failed batches to its error output,
-which `ScoreTransactions` turns into dead letters.
+routes failed batches to its error output, which `ScoreTransactions` turns into dead letters.
 
 A new version that fails its hash check or does not load is refused: the handler keeps the
 version it had, logs the refusal and counts it (`scoring/model_refusals`).
@@ -131,13 +130,15 @@ class ModelSlot:
         return True
 
     def refresh(self):
-        """The version to score with, after a look at the model folder if one is due."""
+        """The version to score with, after a look at the model folder if one is due.
+
+        The look is `load_newest`: a refused newest version does not hide a valid one between
+        it and the serving version.
+        """
         if self.poll_secs is not None and time.monotonic() - self._checked_at >= self.poll_secs:
             with self._lock:
                 if time.monotonic() - self._checked_at >= self.poll_secs:
-                    newest = loader.latest(self.model_dir)
-                    if newest is not None and newest.rstrip("/") != self.current.path.rstrip("/"):
-                        self.offer(newest)
+                    self.load_newest()
                     self._checked_at = time.monotonic()
         return self.current
 
@@ -186,19 +187,18 @@ class FraudModelHandler(ModelHandler[ScoringExample, dict, ModelSlot]):
         served = model.refresh()
         Metrics.distribution(NAMESPACE, "inference_batch_size").update(len(batch))
         record_batch(len(batch))
-        problems = [feature_problem(example.features) for example in batch]
-        usable = [example for example, problem in zip(batch, problems, strict=True) if problem is None]
-        results = {}
+        inferences = [{"error": feature_problem(example.features), "model_version": served.version} for example in batch]
+        usable = [i for i, inference in enumerate(inferences) if inference["error"] is None]
         if usable:
-            values = np.array([[example.features[name] for name in RAW_FEATURES] for example in usable], dtype=np.float32)
-            scores, contributions = served.explain({name: values[:, i] for i, name in enumerate(RAW_FEATURES)})
+            values = np.array([[batch[i].features[name] for name in RAW_FEATURES] for i in usable], dtype=np.float32)
+            scores, contributions = served.explain({name: values[:, j] for j, name in enumerate(RAW_FEATURES)})
             thresholds = served.thresholds
             chosen = decisions.decide(scores, thresholds["review"], thresholds["decline"])
             reasons = decisions.top_reasons(contributions, values, RAW_FEATURES)
-            for example, score, decision, why in zip(usable, scores, chosen, reasons, strict=True):
-                results[id(example)] = {"score": float(score), "decision": decision, "reasons": why, "model_version": served.version}
-        for example, problem in zip(batch, problems, strict=True):
-            inference = results[id(example)] if problem is None else {"error": problem, "model_version": served.version}
+            for i, score, decision, why in zip(usable, scores, chosen, reasons, strict=True):
+                del inferences[i]["error"]
+                inferences[i].update(score=float(score), decision=decision, reasons=why)
+        for example, inference in zip(batch, inferences, strict=True):
             yield PredictionResult(example, inference, served.version)
 
     def batch_elements_kwargs(self) -> dict:
@@ -246,12 +246,13 @@ class AssembleInsightFn(beam.DoFn):
         self._insights = _counter("insights")
         self._by_decision = {decision: _counter(f"decision_{decision}") for decision in decisions.DECISIONS}
         self._latency = Metrics.distribution(NAMESPACE, "latency_ms")
+        self._invalid = _counter("invalid_features")
 
     def process(self, keyed):
         _, result = keyed
         now_us = time.time_ns() // 1000
         if "error" in result.inference:
-            _counter("invalid_features").inc()
+            self._invalid.inc()
             yield beam.pvalue.TaggedOutput(
                 DEAD_LETTERS, (FEATURES_ERROR_KIND, transaction_dead_letter(result.example, result.inference["error"], now_us))
             )
@@ -285,9 +286,9 @@ def failed_batch_dead_letters(failure) -> Iterable[tuple[str, dict]]:
     # Beam's error output carries (exception type, repr of the exception, traceback).
     text = error[1] if isinstance(error, tuple) and len(error) >= 2 else repr(error)
     received_us = time.time_ns() // 1000
+    _counter("inference_failures").inc(len(batch))
     for keyed in batch:
         example = keyed[1] if isinstance(keyed, tuple) else keyed
-        _counter("inference_failures").inc()
         message = f"inference: the model failed on this transaction's batch: {text}"
         yield INFERENCE_ERROR_KIND, transaction_dead_letter(example, message, received_us)
 
