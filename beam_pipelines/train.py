@@ -439,7 +439,7 @@ def _fit_and_publish(plan: TrainPlan, version: str, statistics: dict) -> dict:
     import tensorflow_transform as tft
 
     from models import report, serving, training
-    from rtml import metrics
+    from rtml import drift, metrics
 
     work_dir, config = plan.work_dir, plan.config
     transform_output = tft.TFTransformOutput(FileSystems.join(work_dir, "transform"))
@@ -498,7 +498,7 @@ def _fit_and_publish(plan: TrainPlan, version: str, statistics: dict) -> dict:
             },
             "history": {key: history[key] for key in ("loss", "val_loss", "pr_auc", "val_pr_auc") if key in history},
             "feature_statistics": statistics["features"],
-            "score_statistics": _score_summary(scores),
+            "score_statistics": drift.summarize(scores),
             "framework": {"tensorflow": tf.__version__, "tensorflow_transform": tft.__version__, "apache_beam": beam.__version__},
         }
         report_dir = os.path.join(version_dir, loader.REPORT_DIR)
@@ -518,12 +518,6 @@ def _fit_and_publish(plan: TrainPlan, version: str, statistics: dict) -> dict:
     _LOG.info("exported model version %s to %s", version, destination)
     metadata["path"] = destination
     return metadata
-
-
-def _score_summary(scores) -> dict:
-    from rtml import drift
-
-    return drift.summarize(scores)
 
 
 def publish(version_dir: str, model_dir: str, version: str) -> str:
