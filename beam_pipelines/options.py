@@ -200,14 +200,26 @@ EMULATOR_PULL_DEADLINE_S = 1.0
 
 
 class _ShortPullClient:
-    """Delegates to a SubscriberClient, capping the deadline of `pull`."""
+    """Delegates to a SubscriberClient, capping the deadline of `pull`.
+
+    A pull that runs out of that short deadline, or finds the emulator unavailable (stopped,
+    frozen, restarting), answers "no messages" instead of raising: the local reader would
+    otherwise end the pipeline, and it simply pulls again on its next poll.
+    """
 
     def __init__(self, client):
         self._client = client
 
     def pull(self, *args, timeout=None, **kwargs):
+        from google.api_core import exceptions
+        from google.pubsub_v1.types import PullResponse
+
         capped = EMULATOR_PULL_DEADLINE_S if timeout is None else min(timeout, EMULATOR_PULL_DEADLINE_S)
-        return self._client.pull(*args, timeout=capped, **kwargs)
+        try:
+            return self._client.pull(*args, timeout=capped, **kwargs)
+        except (exceptions.DeadlineExceeded, exceptions.ServiceUnavailable) as err:
+            _LOG.warning("Pub/Sub pull failed (%s); pulling again on the next poll", type(err).__name__)
+            return PullResponse()
 
     def __getattr__(self, name):
         return getattr(self._client, name)

@@ -93,6 +93,18 @@ def test_short_pull_client_caps_the_pull_deadline_and_delegates_the_rest():
     assert client.acknowledge(subscription="s", ack_ids=[]) == "acked"
 
 
+@pytest.mark.parametrize("error", ["DeadlineExceeded", "ServiceUnavailable"])
+def test_a_pull_that_times_out_or_finds_the_emulator_away_returns_no_messages(error):
+    from google.api_core import exceptions
+
+    class Unreachable:
+        def pull(self, *args, **kwargs):
+            raise getattr(exceptions, error)("emulator frozen")
+
+    response = opts._ShortPullClient(Unreachable()).pull(subscription="s", max_messages=10, timeout=30)
+    assert list(response.received_messages) == []
+
+
 def test_shortened_pulls_are_installed_on_the_direct_runner_reader_once():
     from apache_beam.runners.direct.transform_evaluator import _PubSubReadEvaluator
 
