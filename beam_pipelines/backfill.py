@@ -49,10 +49,11 @@ class BackfillOptions(PipelineOptions):
         parser.add_argument(
             "--shards", type=int, default=16, help="Entity shards and example files (default: %(default)s)."
         )
-        parser.add_argument(
+        opts.add_switch(
+            parser,
             "--no_state",
-            action="store_true",
-            help="Do not load the final feature state into Bigtable.",
+            "Do not load the final feature state into Bigtable (retraining uses it, so that a running "
+            "scorer's state is left alone).",
         )
         parser.add_argument(
             "--progress_file",

@@ -6,6 +6,7 @@ the FnApiRunner for batch. (The plain DirectRunner would first try the Prism run
 downloads a binary.) On any other runner nothing is pointed at an emulator unless asked.
 """
 
+import argparse
 import logging
 import os
 
@@ -267,6 +268,26 @@ def resolve_streaming_io(options: PipelineOptions) -> StreamingIOOptions:
     if is_local(options) and (io.id_label or io.timestamp_attribute):
         raise ValueError("--id_label and --timestamp_attribute work only on Dataflow; leave them unset for local runs")
     return io
+
+
+def true_or_false(text: str) -> bool:
+    """A boolean option's value: true/false (also 1/0, yes/no), as a Flex Template passes it."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_switch(parser, flag: str, help: str) -> None:
+    """A boolean option that is off by default: `--flag` alone, or `--flag=true|false` as Flex Templates pass it."""
+    parser.add_argument(flag, type=true_or_false, nargs="?", const=True, default=False, help=help)
+
+
+def check_topic_path(name: str, value: str) -> None:
+    """Raise if `--name` is not a `projects/PROJECT/topics/NAME` path."""
+    _check_path(name, value, "topics")
 
 
 def _check_path(name: str, value: str, kind: str) -> None:

@@ -6,7 +6,10 @@ scores each transaction with the newest valid model version in `--model_dir` thr
 RunInference, and publishes one insight per transaction to `fraud-insights` with attributes
 `transaction_id`, `decision` and `model_version`. A version written into `--model_dir` later is
 picked up within `--model_poll_secs` without a restart; a version that fails its hash check
-is refused and the current one keeps serving. Inference failures become dead letters.
+is refused and the current one keeps serving. Inference failures become dead letters. Every
+`--health_period_secs` a health record per model version goes to `--health_topic`
+(`model-health`): drift against the training statistics, decision mix, latency, and the
+precision of its decisions as fraud feedback arrives (`rtml.health`, `rtml top`).
 
     python -m beam_pipelines.score --model_dir out/models     # locally, against the emulators
 """
@@ -21,7 +24,8 @@ from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import options as opts
 from beam_pipelines.featurize import read_and_featurize
-from rtml import config
+from rtml import config, drift, health
+from transforms.health import MonitorModel, health_message
 from transforms.scoring import FraudModelHandler, ScoreTransactions, insight_message
 from transforms.validation import WriteDeadLetters
 
@@ -56,12 +60,44 @@ class ScoreOptions(PipelineOptions):
             help="If > 0, hold elements up to this long to fill inference batches across bundles "
             "(stateful batching; adds up to this much latency). Default: batch within a bundle only.",
         )
+        parser.add_argument(
+            "--health_topic",
+            default=None,
+            help="Topic for model health records: drift, decision mix, latency and delayed-label precision "
+            f"per model version (default: the project's {config.HEALTH_TOPIC}).",
+        )
+        opts.add_switch(parser, "--no_health", "Do not compute or publish model health records.")
+        parser.add_argument(
+            "--health_window_secs",
+            type=float,
+            default=600.0,
+            help="Processing-time window each health record covers, in seconds (default: %(default)s).",
+        )
+        parser.add_argument(
+            "--health_period_secs",
+            type=float,
+            default=60.0,
+            help="A health record per model version this often, in seconds (default: %(default)s).",
+        )
+        parser.add_argument(
+            "--psi_threshold",
+            type=float,
+            default=drift.PSI_ALERT,
+            help="Population stability index from which a feature counts as drifted (default: %(default)s).",
+        )
+        parser.add_argument(
+            "--health_min_events",
+            type=int,
+            default=health.DEFAULT_MIN_EVENTS,
+            help="Events a version needs in a window before its PSI is computed (default: %(default)s).",
+        )
 
 
 class ScorePipeline(NamedTuple):
     featured: beam.PCollection  # FeaturedTransaction
     insights: beam.PCollection  # insight dicts, as published
     dead_letters: beam.PCollection  # (error_kind, record), validation and inference
+    health: beam.PCollection | None  # health record dicts (None with --no_health)
 
 
 def check(options: PipelineOptions) -> str:
@@ -76,6 +112,14 @@ def check(options: PipelineOptions) -> str:
         raise ValueError("--inference_max_batch_size must be at least 1")
     if args.inference_max_batch_duration_secs < 0:
         raise ValueError("--inference_max_batch_duration_secs must be >= 0")
+    if args.health_period_secs <= 0 or args.health_window_secs < args.health_period_secs:
+        raise ValueError("--health_period_secs must be > 0 and --health_window_secs at least as long")
+    if args.psi_threshold <= 0:
+        raise ValueError("--psi_threshold must be > 0")
+    if args.health_min_events < 1:
+        raise ValueError("--health_min_events must be at least 1")
+    if args.health_topic is not None:
+        opts.check_topic_path("health_topic", args.health_topic)
     if args.model_updates == "side_input" and opts.is_local(options):
         raise ValueError(
             "--model_updates=side_input needs splittable DoFns, which the local DirectRunner cannot run; "
@@ -104,9 +148,20 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
         | "ToMessage" >> beam.Map(insight_message)
         | "PublishInsights" >> WriteToPubSub(output_topic, with_attributes=True)
     )
+    health_records = None
+    if not args.no_health:
+        health_topic = args.health_topic or config.topic_path(opts.project_of(options), config.HEALTH_TOPIC)
+        health_records = (scored.insights, inputs.feedback) | "MonitorModel" >> MonitorModel(
+            model_dir, args.health_window_secs, args.health_period_secs, args.psi_threshold, args.health_min_events
+        )
+        _ = (
+            health_records
+            | "ToHealthMessage" >> beam.Map(health_message)
+            | "PublishHealth" >> WriteToPubSub(health_topic, with_attributes=True)
+        )
     dead_letters = (inputs.dead_letters, scored.dead_letters) | "FlattenDeadLetters" >> beam.Flatten()
     _ = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(io.dead_letter_topic)
-    return ScorePipeline(computed.transactions, scored.insights, dead_letters)
+    return ScorePipeline(computed.transactions, scored.insights, dead_letters, health_records)
 
 
 def run(argv: list[str] | None = None) -> PipelineResult:

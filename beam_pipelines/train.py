@@ -59,6 +59,10 @@ DAY_US = 86_400_000_000
 METRICS_NAMESPACE = "train"
 
 
+PUBLISH_GUARDS = ("none", "average_precision")
+REFUSED_DIR = ".refused"  # hidden: model folders starting with "." are never served
+
+
 class TrainOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -92,6 +96,14 @@ class TrainOptions(PipelineOptions):
             default=None,
             help="Version name; the job fails if it exists already (default: the UTC time at launch, "
             "YYYYMMDD-HHMMSS, with a -N suffix if that name is taken when the model is exported).",
+        )
+        parser.add_argument(
+            "--publish_guard",
+            choices=PUBLISH_GUARDS,
+            default="none",
+            help="'average_precision': score the validation split with the serving (newest) version in "
+            "--model_dir too, and publish the new version only if its average precision is at least as "
+            f"high; a refused version goes to MODEL_DIR/{REFUSED_DIR}/VERSION (default: %(default)s).",
         )
         parser.add_argument(
             "--work_dir",
@@ -133,6 +145,7 @@ class TrainPlan:
     config: TrainConfig
     review_rate: float
     decline_precision: float
+    publish_guard: str  # "none" or "average_precision" (see --publish_guard)
     verbose: int  # Keras progress output: 0 silent, 2 one line per epoch
 
 
@@ -223,6 +236,7 @@ def make_plan(options: PipelineOptions, verbose: int = 2, look_in_model_dir: boo
         config=TrainConfig(params=ModelParams(kind=args.model_type), epochs=args.epochs, batch_size=args.batch_size, seed=args.seed),
         review_rate=args.review_rate,
         decline_precision=args.decline_precision,
+        publish_guard=args.publish_guard,
         verbose=verbose,
     )
 
@@ -362,6 +376,8 @@ def run(argv: list[str] | None = None, verbose: int = 2) -> dict:
     if state != PipelineState.DONE:
         raise RuntimeError(f"the training job ended {state}, without a model version")
     path = FileSystems.join(plan.model_dir, plan.version)
+    if not FileSystems.exists(path):  # the publish guard refused it
+        path = FileSystems.join(plan.model_dir, REFUSED_DIR, plan.version)
     metadata = loader.read_metadata(path)
     metadata["path"] = path
     metadata["timings_s"] = timings(result)
@@ -508,16 +524,51 @@ def _fit_and_publish(plan: TrainPlan, version: str, statistics: dict) -> dict:
                 handle.write(data)
         with open(os.path.join(report_dir, "summary.md"), "w") as handle:
             handle.write(report.summary_markdown(metadata))
+        guard = guard_check(plan.publish_guard, plan.model_dir, raw, metadata["validation_metrics"]["average_precision"])
+        if guard is not None:
+            metadata["publish_guard"] = guard
         metadata["files"] = loader.file_hashes(version_dir)
         with open(os.path.join(version_dir, loader.METADATA_FILE), "w") as handle:
             json.dump(metadata, handle, indent=2, sort_keys=False)
-        destination = publish(version_dir, plan.model_dir, version)
+        published = guard is None or guard["published"]
+        destination = publish(version_dir, plan.model_dir if published else FileSystems.join(plan.model_dir, REFUSED_DIR), version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     loader.verify(destination)
-    _LOG.info("exported model version %s to %s", version, destination)
+    if published:
+        _LOG.info("exported model version %s to %s", version, destination)
+    else:
+        _LOG.warning(
+            "model version %s NOT published: validation average precision %.4f is below the serving version %s's %.4f "
+            "on the same examples; the refused version is in %s",
+            version, guard["candidate"], guard["serving_version"], guard["serving"], destination,
+        )
     metadata["path"] = destination
     return metadata
+
+
+def guard_check(guard: str, model_dir: str, raw: dict, candidate_ap: float) -> dict | None:
+    """The publish guard's verdict: the candidate's validation average precision against the
+    serving version's on the same examples (`raw`: the validation split's columns, with `label`).
+
+    The serving version is the newest one in `model_dir` that loads, as the scorer picks it.
+    None when no guard is asked for; published when nothing serves yet.
+    """
+    from rtml import metrics
+
+    if guard == "none":
+        return None
+    verdict = {"metric": "average_precision", "candidate": candidate_ap, "serving": None, "serving_version": None, "published": True}
+    for path in reversed(loader.versions(model_dir)):
+        try:
+            serving = loader.load(path)
+        except Exception as err:  # noqa: BLE001 - the scorer refuses it too, and serves an older one
+            _LOG.warning("publish guard: skipping %s, which does not load: %s", path, err)
+            continue
+        serving_ap = metrics.average_precision(raw["label"], serving.score(raw))
+        verdict.update(serving=serving_ap, serving_version=serving.version, published=candidate_ap >= serving_ap)
+        break
+    return verdict
 
 
 def publish(version_dir: str, model_dir: str, version: str) -> str:
@@ -546,7 +597,8 @@ def publish(version_dir: str, model_dir: str, version: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metadata = run(argv)
-    print(json.dumps({key: metadata[key] for key in ("version", "path", "thresholds", "validation_metrics", "examples", "timings_s")}, indent=2))
+    keys = ("version", "path", "thresholds", "validation_metrics", "examples", "publish_guard", "timings_s")
+    print(json.dumps({key: metadata[key] for key in keys if key in metadata}, indent=2))
 
 
 if __name__ == "__main__":

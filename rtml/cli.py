@@ -164,7 +164,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_backfill(args: argparse.Namespace) -> int:
+def _run_backfill(args: argparse.Namespace, inputs: list[str], examples_out: str, no_state: bool) -> tuple[dict, float]:
+    """The backfill pipeline with a progress bar over the input bytes: (totals, seconds)."""
     import tempfile
     import threading
     import time
@@ -173,17 +174,16 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
     from beam_pipelines import backfill
 
-    _use_services(args)
     sizes = []
-    for path in args.input:
+    for path in inputs:
         if not path.startswith("gs://") and not os.path.exists(path):
             raise CommandError(f"--input {path}: no such file")
         sizes.append(os.path.getsize(path) if not path.startswith("gs://") else 0)
     with tempfile.NamedTemporaryFile("w+", suffix=".progress") as progress:
-        argv = [f"--input={path}" for path in args.input]
-        argv += [f"--examples_out={args.examples_out}", f"--shards={args.shards}", f"--project={args.project}"]
+        argv = [f"--input={path}" for path in inputs]
+        argv += [f"--examples_out={examples_out}", f"--shards={args.shards}", f"--project={args.project}"]
         argv += [f"--bigtable_instance={args.instance}", f"--bigtable_table={args.table}"]
-        argv += [f"--progress_file={progress.name}", *(["--no_state"] if args.no_state else [])]
+        argv += [f"--progress_file={progress.name}", *(["--no_state"] if no_state else [])]
         outcome: dict = {}
 
         def work() -> None:
@@ -204,38 +204,37 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                 bar.update(done - bar.n)
     if "error" in outcome:
         raise outcome["error"]
-    totals = outcome["totals"]
-    seconds = time.monotonic() - started
+    return outcome["totals"], time.monotonic() - started
+
+
+def _backfill_summary(totals: dict, seconds: float, no_state: bool) -> dict[str, str]:
     rejected = sum(v for k, v in totals.items() if k.startswith("rejected_"))
-    _print_kv(
-        f"backfill -> {args.examples_out}",
-        {
-            "lines read": f"{totals.get('lines', 0):,}",
-            "transactions": f"{totals.get('transactions', 0):,}",
-            "feedback events": f"{totals.get('feedback', 0):,}",
-            "rejected lines (see rejected.jsonl)": f"{rejected:,}",
-            "duplicate transactions skipped": f"{totals.get('duplicates', 0):,}",
-            "training examples written": f"{totals.get('examples', 0):,}",
-            "  of which labelled fraud": f"{totals.get('fraud_examples', 0):,}",
-            "entity rows loaded into Bigtable": "skipped"
-            if args.no_state
-            else f"{totals.get('state_rows_written', 0):,}",
-            "seconds": f"{seconds:.1f}",
-            "transactions/s": f"{totals.get('transactions', 0) / seconds:,.0f}",
-        },
-    )
+    return {
+        "lines read": f"{totals.get('lines', 0):,}",
+        "transactions": f"{totals.get('transactions', 0):,}",
+        "feedback events": f"{totals.get('feedback', 0):,}",
+        "rejected lines (see rejected.jsonl)": f"{rejected:,}",
+        "duplicate transactions skipped": f"{totals.get('duplicates', 0):,}",
+        "training examples written": f"{totals.get('examples', 0):,}",
+        "  of which labelled fraud": f"{totals.get('fraud_examples', 0):,}",
+        "entity rows loaded into Bigtable": "skipped" if no_state else f"{totals.get('state_rows_written', 0):,}",
+        "seconds": f"{seconds:.1f}",
+        "transactions/s": f"{totals.get('transactions', 0) / seconds:,.0f}",
+    }
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    _use_services(args)
+    totals, seconds = _run_backfill(args, args.input, args.examples_out, args.no_state)
+    _print_kv(f"backfill -> {args.examples_out}", _backfill_summary(totals, seconds, args.no_state))
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from beam_pipelines import train
-
-    if "://" not in args.examples and not os.path.isdir(args.examples):
-        raise CommandError(f"--examples {args.examples}: no such folder (write it with `rtml backfill`)")
-    argv = [
-        f"--examples={args.examples}",
-        f"--train_start={args.train_start}",
-        f"--train_end={args.train_end}",
+def _train_argv(args: argparse.Namespace, examples: str, train_start, train_end) -> list[str]:
+    return [
+        f"--examples={examples}",
+        f"--train_start={train_start}",
+        f"--train_end={train_end}",
         f"--model_dir={args.model_dir}",
         f"--validation_days={args.validation_days}",
         f"--model_type={args.model_type}",
@@ -245,32 +244,100 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"--decline_precision={args.decline_precision}",
         *([f"--model_version={args.version}"] if args.version else []),
     ]
+
+
+def _run_training(args: argparse.Namespace, argv: list[str]) -> dict:
+    from beam_pipelines import train
+
     print("analyzing the training window with tf.Transform (Beam), then training ...", file=sys.stderr)
     try:
-        metadata = train.run(argv, verbose=0 if args.quiet else 2)
+        return train.run(argv, verbose=0 if args.quiet else 2)
     except ValueError as err:
         raise CommandError(str(err)) from None
+
+
+def _training_summary(metadata: dict) -> dict[str, str]:
     validation = metadata["validation_metrics"]
     thresholds = metadata["thresholds"]
     examples = metadata["examples"]
-    _print_kv(
-        f"model version {metadata['version']}",
-        {
-            "exported to": metadata["path"],
-            "training window": f"{args.train_start} .. {args.train_end} (validation from {metadata['training_window']['validation_start']})",
-            "training examples (frauds)": f"{examples['train']:,} ({examples['train_positives']:,})",
-            "validation examples (frauds)": f"{examples['validation']:,} ({examples['validation_positives']:,})",
-            "epochs (best)": f"{metadata['model']['epochs_run']} ({metadata['model']['best_epoch']})",
-            "validation AUC ROC": f"{validation['auc_roc']:.4f}",
-            "validation average precision": f"{validation['average_precision']:.4f}",
-            "validation card precision@100": f"{validation['card_precision_at_100']:.4f}",
-            "review threshold (alert rate, precision)": f"{thresholds['review']:.4f} ({validation['review']['alert_rate']:.2%}, {validation['review']['precision']:.2%})",
-            "decline threshold (alert rate, precision)": f"{thresholds['decline']:.4f} ({validation['decline']['alert_rate']:.2%}, {validation['decline']['precision']:.2%})",
-            "report": f"{metadata['path']}/report/summary.md",
-            "seconds (analyze, train + export)": f"{metadata['timings_s']['analyze']}, {metadata['timings_s']['train_and_export']}",
-        },
-    )
+    window = metadata["training_window"]
+    return {
+        "exported to": metadata["path"],
+        "training window": f"{window['start']} .. {window['end']} (validation from {window['validation_start']})",
+        "training examples (frauds)": f"{examples['train']:,} ({examples['train_positives']:,})",
+        "validation examples (frauds)": f"{examples['validation']:,} ({examples['validation_positives']:,})",
+        "epochs (best)": f"{metadata['model']['epochs_run']} ({metadata['model']['best_epoch']})",
+        "validation AUC ROC": f"{validation['auc_roc']:.4f}",
+        "validation average precision": f"{validation['average_precision']:.4f}",
+        "validation card precision@100": f"{validation['card_precision_at_100']:.4f}",
+        "review threshold (alert rate, precision)": f"{thresholds['review']:.4f} ({validation['review']['alert_rate']:.2%}, {validation['review']['precision']:.2%})",
+        "decline threshold (alert rate, precision)": f"{thresholds['decline']:.4f} ({validation['decline']['alert_rate']:.2%}, {validation['decline']['precision']:.2%})",
+        "report": f"{metadata['path']}/report/summary.md",
+        "seconds (analyze, train + export)": f"{metadata['timings_s']['analyze']}, {metadata['timings_s']['train_and_export']}",
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if "://" not in args.examples and not os.path.isdir(args.examples):
+        raise CommandError(f"--examples {args.examples}: no such folder (write it with `rtml backfill`)")
+    metadata = _run_training(args, _train_argv(args, args.examples, args.train_start, args.train_end))
+    _print_kv(f"model version {metadata['version']}", _training_summary(metadata))
     return 0
+
+
+RETRAIN_REFUSED = 3  # exit code of `rtml retrain` when the guard keeps the serving version
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from rtml import retrain
+
+    _use_services(args)
+    for path in args.input:
+        if "://" not in path and not os.path.exists(path):
+            raise CommandError(f"--input {path}: no such file")
+    try:
+        last_day = args.end or retrain.last_transaction_day(args.input)
+        start, end = retrain.training_window(last_day, args.days, 0 if args.end else args.label_delay_days)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    work = args.work_dir or tempfile.mkdtemp(prefix="rtml-retrain-")
+    examples_out = os.path.join(work, "examples") if "://" not in work else work.rstrip("/") + "/examples"
+    print(
+        f"retraining on {start} .. {end} ({args.days} days"
+        + ("" if args.end else f", ending {args.label_delay_days} days before the last transaction, {last_day}")
+        + f"); examples in {examples_out}",
+        file=sys.stderr,
+    )
+    try:
+        totals, seconds = _run_backfill(args, args.input, examples_out, no_state=True)
+        _print_kv("backfill (feature state untouched)", _backfill_summary(totals, seconds, no_state=True))
+        argv = _train_argv(args, examples_out, start, end)
+        argv.append(f"--publish_guard={'none' if args.no_guard else 'average_precision'}")
+        metadata = _run_training(args, argv)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    guard = metadata.get("publish_guard")
+    summary = _training_summary(metadata)
+    if guard is not None:
+        serving = "none" if guard["serving_version"] is None else f"{guard['serving_version']}: {guard['serving']:.4f}"
+        summary["guard: candidate AP vs serving AP (same examples)"] = f"{guard['candidate']:.4f} vs {serving}"
+    if guard is not None and not guard["published"]:
+        summary["exported to"] += " (NOT served)"
+        _print_kv(f"model version {metadata['version']} REFUSED: worse than the serving version", summary)
+        return RETRAIN_REFUSED
+    _print_kv(f"model version {metadata['version']} published; running scorers pick it up", summary)
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from rtml import top
+
+    services = _use_services(args)
+    return top.main(args, services.project)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -375,6 +442,8 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rtml import top
+
     services = argparse.ArgumentParser(add_help=False)
     group = services.add_argument_group("services (default: the local emulators)")
     group.add_argument(
@@ -486,28 +555,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-state", action="store_true", help="do not load the final feature state into Bigtable")
     p.set_defaults(func=cmd_backfill)
 
+    training = argparse.ArgumentParser(add_help=False)
+    training.add_argument("--model-dir", required=True, help="folder of model versions; the new one goes to MODEL_DIR/<version>/")
+    training.add_argument(
+        "--validation-days", type=int, default=2, help="last days of the window held out for early stopping and thresholds (default: %(default)s)"
+    )
+    training.add_argument("--model-type", choices=("mlp", "logistic"), default="mlp", help="(default: %(default)s)")
+    training.add_argument("--epochs", type=int, default=40, help="at most this many epochs (default: %(default)s)")
+    training.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    training.add_argument(
+        "--review-rate", type=float, default=0.02, help="share of validation transactions sent to review or above (default: %(default)s)"
+    )
+    training.add_argument(
+        "--decline-precision", type=float, default=0.8, help="validation precision required to decline (default: %(default)s)"
+    )
+    training.add_argument("--version", help="version name (default: the UTC time, YYYYMMDD-HHMMSS)")
+    training.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+
     p = sub.add_parser(
-        "train", help="tf.Transform + Keras training on backfill examples; exports a new model version"
+        "train", parents=[training], help="tf.Transform + Keras training on backfill examples; exports a new model version"
     )
     p.add_argument("--examples", required=True, help="folder of training examples written by `rtml backfill`")
     p.add_argument("--train-start", required=True, type=_date, help="first day of the training window (YYYY-MM-DD, UTC)")
     p.add_argument("--train-end", required=True, type=_date, help="last day of the training window, inclusive")
-    p.add_argument("--model-dir", required=True, help="folder of model versions; the new one goes to MODEL_DIR/<version>/")
-    p.add_argument(
-        "--validation-days", type=int, default=2, help="last days of the window held out for early stopping and thresholds (default: %(default)s)"
-    )
-    p.add_argument("--model-type", choices=("mlp", "logistic"), default="mlp", help="(default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=40, help="at most this many epochs (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
-    p.add_argument(
-        "--review-rate", type=float, default=0.02, help="share of validation transactions sent to review or above (default: %(default)s)"
-    )
-    p.add_argument(
-        "--decline-precision", type=float, default=0.8, help="validation precision required to decline (default: %(default)s)"
-    )
-    p.add_argument("--version", help="version name (default: the UTC time, YYYYMMDD-HHMMSS)")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "retrain",
+        parents=[services, training],
+        help="backfill recent history, train, and publish the new version only if it beats the serving one",
+        description="Backfill the history into fresh examples (feature state in Bigtable is not touched), train on "
+        "the last --days days whose fraud labels have arrived, and publish into --model-dir, where running scorers "
+        "pick it up, only if its validation average precision is at least the serving version's on the same "
+        f"examples. A refused version goes to MODEL_DIR/.refused/ and the command exits with {RETRAIN_REFUSED}.",
+    )
+    p.add_argument("--input", nargs="+", required=True, help="replay files of the history, in publication order (local or gs://)")
+    p.add_argument("--days", type=int, default=30, help="days of training window, validation days included (default: %(default)s)")
+    p.add_argument(
+        "--label-delay-days",
+        type=int,
+        default=7,
+        help="end the window this many days before the last transaction, so fraud reports had time to arrive (default: %(default)s)",
+    )
+    p.add_argument("--end", type=_date, help="last day of the training window (default: from the input and --label-delay-days)")
+    p.add_argument("--work-dir", help="keep the backfilled examples here (default: a temporary folder, removed afterwards)")
+    p.add_argument("--shards", type=int, default=16, help="backfill entity shards and example files (default: %(default)s)")
+    p.add_argument("--table", default=config.FEATURES_TABLE, help=argparse.SUPPRESS)
+    p.add_argument("--no-guard", action="store_true", help="publish even if the new version is worse than the serving one")
+    p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser(
         "serve",
@@ -521,6 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=64, help="largest inference batch (default: %(default)s)")
     p.add_argument("beam_args", nargs=argparse.REMAINDER, help="further Beam pipeline options, after `--`")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "top", parents=[services, cloud], help="a live view of the scoring pipeline's model health records"
+    )
+    top.add_arguments(p)
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser(
         "evaluate", help="AUC ROC, average precision and card precision@k of scored insights against fraud feedback"

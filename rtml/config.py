@@ -24,8 +24,11 @@ VALIDATED_TOPIC = "validated"
 # Not in the contract: where the feature pipeline (`beam_pipelines.featurize`) publishes each
 # transaction with its reference features.
 FEATURES_TOPIC = "features"
+# Not in the contract: where the scoring pipeline publishes its health records (`rtml.health`),
+# which `rtml top` shows.
+HEALTH_TOPIC = "model-health"
 
-TOPICS = (TRANSACTIONS_TOPIC, FEEDBACK_TOPIC, INSIGHTS_TOPIC, DEAD_LETTER_TOPIC, VALIDATED_TOPIC, FEATURES_TOPIC)
+TOPICS = (TRANSACTIONS_TOPIC, FEEDBACK_TOPIC, INSIGHTS_TOPIC, DEAD_LETTER_TOPIC, VALIDATED_TOPIC, FEATURES_TOPIC, HEALTH_TOPIC)
 
 FEATURES_TABLE = "features"
 # Column families of the feature table and their garbage-collection max age in days: the

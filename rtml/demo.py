@@ -115,7 +115,7 @@ def _loop(services: config.LocalServices, work: Path) -> int:
     project = services.project
     topics = {topic: topic for topic in config.TOPICS}
     # Messages left on the subscriptions by earlier runs would be scored or counted too.
-    for topic in (config.TRANSACTIONS_TOPIC, config.FEEDBACK_TOPIC, config.INSIGHTS_TOPIC, config.DEAD_LETTER_TOPIC):
+    for topic in (config.TRANSACTIONS_TOPIC, config.FEEDBACK_TOPIC, config.INSIGHTS_TOPIC, config.DEAD_LETTER_TOPIC, config.HEALTH_TOPIC):
         pubsub_tools.drain(config.subscription_for(topic), project)
     _step("starting the scoring pipeline (python -m beam_pipelines.score)")
     args = [f"--project={project}", f"--bigtable_table={table}", f"--model_dir={model_dir}"]
@@ -137,6 +137,8 @@ def _loop(services: config.LocalServices, work: Path) -> int:
             malformed_rate=MALFORMED_RATE,
             label="insights",
         )
+        health = []  # the health records published so far (one a minute); `rtml top` shows them live
+        pubsub_tools.pull(config.subscription_for(config.HEALTH_TOPIC), project, idle_timeout=2.0, on_message=health.append)
     insights_file = work / "insights.jsonl"
     with open(insights_file, "w", encoding="utf-8") as handle:
         for message in measured.outputs.values():
@@ -145,11 +147,14 @@ def _loop(services: config.LocalServices, work: Path) -> int:
     quality = evaluate.evaluate(insights_file, history)
     from models import loader
 
-    ok = _print_summary(simulated, measured, transactions, quality, insights_file, loader.latest(str(model_dir)))
+    last_health = json.loads(health[-1].data) if health else None
+    ok = _print_summary(simulated, measured, transactions, quality, insights_file, loader.latest(str(model_dir)), len(health), last_health)
     return 0 if ok else 1
 
 
-def _print_summary(simulated, measured, transactions: int, quality: dict, insights_file: Path, version_dir) -> bool:
+def _print_summary(
+    simulated, measured, transactions: int, quality: dict, insights_file: Path, version_dir, health_records: int, last_health: dict | None
+) -> bool:
     from rich.console import Console
     from rich.table import Table
 
@@ -185,6 +190,16 @@ def _print_summary(simulated, measured, transactions: int, quality: dict, insigh
         ("card precision@100", metric("card_precision_at_100")),
         (f"latency publish -> insight p50 / p99 (offered {REPLAY_RATE:.0f} events/s)", f"{p50:,.0f} ms / {p99:,.0f} ms"),
         ("throughput (insights/s)", f"{measured.throughput():,.1f}"),
+        ("health records on model-health (one a minute)", f"{health_records:,}"),
+    ]
+    if last_health is not None:
+        labels = last_health["labels"]
+        rows += [
+            ("  last: drifted features (PSI >= 0.2)", ", ".join(last_health["drifted"]) or "none"),
+            ("  last: precision so far, review / decline", " / ".join("-" if labels["precision"][d] is None else f"{labels['precision'][d]:.2%}" for d in ("review", "decline"))),
+            ("  last: reported frauds flagged", "-" if labels["fraud_flagged_share"] is None else f"{labels['fraud_flagged_share']:.2%}"),
+        ]
+    rows += [
         ("reconciled (one insight per transaction, one dead letter per bad message)", "yes" if ok else "NO"),
         ("insights", str(insights_file)),
         ("model report", f"{version_dir}/report/summary.md" if version_dir else "-"),

@@ -105,14 +105,14 @@ def read_dir(directory: str) -> Iterator[dict]:
 def read_columns(directory: str, start_us: int | None = None, end_us: int | None = None, pattern: str = "*" + FILE_SUFFIX) -> dict:
     """The examples under `directory` with `start_us <= event_time_us < end_us`, as columns.
 
-    Every reference feature and `label` as a float32 numpy array; `transaction_id`,
+    Every reference feature and `label` as a float32 numpy array, `event_time_us` as int64; `transaction_id`,
     `customer_id` and `day` (the UTC date, YYYY-MM-DD) as lists of str.
     """
     import numpy as np
     from apache_beam.io.filesystems import FileSystems
 
     ids = ("transaction_id", "customer_id", "day")
-    columns: dict[str, list] = {name: [] for name in (*FLOAT_COLUMNS, "label", *ids)}
+    columns: dict[str, list] = {name: [] for name in (*FLOAT_COLUMNS, "label", "event_time_us", *ids)}
     for match in FileSystems.match([FileSystems.join(directory, pattern)])[0].metadata_list:
         with FileSystems.open(match.path) as handle:
             for record in read_records(handle.read()):
@@ -123,9 +123,11 @@ def read_columns(directory: str, start_us: int | None = None, end_us: int | None
                 for name in FLOAT_COLUMNS:
                     columns[name].append(example[name])
                 columns["label"].append(example["label"])
+                columns["event_time_us"].append(t)
                 columns["transaction_id"].append(example["transaction_id"])
                 columns["customer_id"].append(example["customer_id"])
                 columns["day"].append(example["event_time"][:10])
     out: dict = {name: np.asarray(columns[name], dtype=np.float32) for name in (*FLOAT_COLUMNS, "label")}
+    out["event_time_us"] = np.asarray(columns["event_time_us"], dtype=np.int64)
     out.update({name: columns[name] for name in ids})
     return out

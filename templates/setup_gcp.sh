@@ -4,10 +4,15 @@
 # IAM bindings are added only once. See templates/README.md for what each role is for.
 set -euo pipefail
 
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shell_line, log and run, shared with schedule/schedule_retrain.sh.
+# shellcheck source-path=SCRIPTDIR
+source "$SCRIPT_DIR/common.sh"
+
 # Names fixed by the public contract and rtml/config.py (tests/test_templates.py checks them).
-TOPICS=(transactions fraud-feedback fraud-insights dead-letter)
+TOPICS=(transactions fraud-feedback fraud-insights dead-letter model-health)
 INPUT_TOPICS=(transactions fraud-feedback)
-OUTPUT_TOPICS=(fraud-insights dead-letter)
+OUTPUT_TOPICS=(fraud-insights dead-letter model-health)
 TABLE=features
 FAMILIES=(tx fb)
 GC_MAX_AGE=38d
@@ -29,8 +34,8 @@ usage() {
 Usage: templates/setup_gcp.sh --project PROJECT --region REGION --bucket BUCKET
                               --bigtable-instance INSTANCE [options]
 
-Creates, unless they exist: the Pub/Sub topics transactions, fraud-feedback, fraud-insights and
-dead-letter, each with a subscription <topic>-sub; the Bigtable instance and its table "features"
+Creates, unless they exist: the Pub/Sub topics transactions, fraud-feedback, fraud-insights,
+dead-letter and model-health, each with a subscription <topic>-sub; the Bigtable instance and its table "features"
 (column families tx and fb, garbage collection after 38 days); a Cloud Storage bucket for models,
 templates, staging and temp files; an Artifact Registry Docker repository for the template image;
 and a worker service account with least-privilege roles on exactly these resources.
@@ -109,30 +114,6 @@ if ((!DRY_RUN)); then
         command -v "$tool" >/dev/null || die "$tool not found; install the Google Cloud CLI and its cbt component"
     done
 fi
-
-# A command as one shell line: arguments quoted only where the shell needs it.
-shell_line() {
-    local arg out=()
-    for arg in "$@"; do
-        if [[ $arg =~ ^[-A-Za-z0-9_./:=@,+%]+$ ]]; then
-            out+=("$arg")
-        else
-            out+=("'${arg//\'/\'\\\'\'}'")
-        fi
-    done
-    printf '%s' "${out[*]}"
-}
-
-log() { echo "== $*" >&2; }
-
-# Run a command, or print it under --dry-run.
-run() {
-    if ((DRY_RUN)); then
-        printf '[dry-run] %s\n' "$(shell_line "$@")"
-    else
-        "$@"
-    fi
-}
 
 # ensure DESCRIBE... -- CREATE...: run CREATE unless DESCRIBE finds the resource.
 ensure() {

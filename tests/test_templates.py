@@ -192,6 +192,7 @@ REGEX_EXAMPLES = {
     r"^[A-Za-z0-9][-_.A-Za-z0-9]*$": ("v2026-03-01", "models/v1"),
     r"^[a-z][-a-z0-9]{4,31}[a-z0-9]$": ("rtml-features", "Features_1"),
     r"^[_a-zA-Z0-9][-_.a-zA-Z0-9]{0,49}$": ("features", "feature table"),
+    r"^(true|false)$": ("false", "yes"),
 }
 
 # Parameters whose sample must differ from their regex's first example: a training window must be
@@ -702,8 +703,26 @@ def test_setup_script_is_bash_with_strict_mode():
     assert subprocess.run(["bash", "-n", str(SETUP_SCRIPT)], capture_output=True).returncode == 0
 
 
+def test_setup_script_takes_the_shared_helpers_from_common_sh(no_cloud_tools, tmp_path):
+    """shell_line, log and run live in templates/common.sh, sourced next to the script, whatever
+    the working directory (schedule/schedule_retrain.sh sources the same file)."""
+    common = TEMPLATES / "common.sh"
+    assert subprocess.run(["bash", "-n", str(common)], capture_output=True).returncode == 0
+    helpers = ("shell_line", "log", "run")
+    for helper in helpers:
+        assert re.search(rf"^{helper}\(\)", common.read_text(), re.M), helper
+        assert not re.search(rf"^{helper}\(\)", SETUP_SCRIPT.read_text(), re.M), f"{helper} is defined in common.sh"
+    assert 'source "$SCRIPT_DIR/common.sh"' in SETUP_SCRIPT.read_text()
+    relative = os.path.relpath(SETUP_SCRIPT, tmp_path)
+    done = subprocess.run(
+        ["bash", relative, *SETUP_ARGS, "--dry-run"], cwd=tmp_path, env=no_cloud_tools, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[dry-run] gcloud services enable " in done.stdout
+
+
 def test_setup_dry_run_creates_every_topic_and_subscription_unless_they_exist(setup_dry_run):
-    for topic in (config.TRANSACTIONS_TOPIC, config.FEEDBACK_TOPIC, config.INSIGHTS_TOPIC, config.DEAD_LETTER_TOPIC):
+    for topic in (config.TRANSACTIONS_TOPIC, config.FEEDBACK_TOPIC, config.INSIGHTS_TOPIC, config.DEAD_LETTER_TOPIC, config.HEALTH_TOPIC):
         subscription = config.subscription_for(topic)
         assert any(
             f"gcloud pubsub topics describe {topic} " in line and f"|| gcloud pubsub topics create {topic} " in line
@@ -752,6 +771,7 @@ def test_setup_dry_run_grants_the_worker_exactly_the_least_privilege_roles(setup
         ("gcloud pubsub subscriptions add-iam-policy-binding fraud-feedback-sub", "roles/pubsub.viewer"),
         ("gcloud pubsub topics add-iam-policy-binding fraud-insights", "roles/pubsub.publisher"),
         ("gcloud pubsub topics add-iam-policy-binding dead-letter", "roles/pubsub.publisher"),
+        ("gcloud pubsub topics add-iam-policy-binding model-health", "roles/pubsub.publisher"),
         ("gcloud bigtable instances add-iam-policy-binding rtml-features", "roles/bigtable.user"),
         ("gcloud storage buckets add-iam-policy-binding gs://rtml-bucket", "roles/storage.objectAdmin"),
         ("gcloud artifacts repositories add-iam-policy-binding rtml", "roles/artifactregistry.reader"),
@@ -789,7 +809,7 @@ def test_setup_creates_only_what_is_missing(tmp_path):
         "gcloud pubsub topics create fraud-insights --project=fake-project",
         "cbt -project=fake-project -instance=rtml-features createfamily features fb",
     ]
-    assert sum("add-iam-policy-binding" in line for line in log) == 10
+    assert sum("add-iam-policy-binding" in line for line in log) == 11
     assert sum(" setgcpolicy features " in line for line in log) == 2
 
 

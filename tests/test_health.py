@@ -1,0 +1,310 @@
+"""Model health: latency quantiles, PSI windows, the delayed-label join, and the Beam transform
+on real features (a stream whose amounts shift drifts; one from the training distribution does not)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.transforms.window import TimestampedValue
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models import decisions, loader
+from models.features import RAW_FEATURES
+from rtml import drift, events, examples, health
+from transforms.health import MonitorModel
+
+DAY_US = 86_400 * 1_000_000
+
+
+# --- pure parts ---------------------------------------------------------------------------------
+
+
+@given(st.lists(st.floats(min_value=0, max_value=600_000, allow_nan=False), min_size=1, max_size=300))
+def test_latency_quantiles_are_within_the_histogram_resolution(latencies):
+    histogram = Counter(health.latency_bucket(ms) for ms in latencies)
+    for q in (0.5, 0.99):
+        exact = sorted(latencies)[max(1, int(np.ceil(q * len(latencies)))) - 1]
+        estimate = health.quantile(histogram, q)
+        if exact < 1.0:
+            assert estimate <= 1.02
+        else:
+            assert exact / health.LATENCY_BASE <= estimate <= exact * health.LATENCY_BASE
+
+
+def test_an_empty_histogram_has_no_quantile():
+    assert health.quantile(Counter(), 0.5) is None
+
+
+def _reference(values: dict[str, np.ndarray], version: str = "v1") -> health.Reference:
+    summaries = {name: drift.summarize(column) for name, column in values.items()}
+    return health.Reference.from_metadata(
+        {"version": version, "feature_statistics": {k: v for k, v in summaries.items() if k != "score"}, "score_statistics": summaries["score"]}
+    )
+
+
+def test_window_psi_bins_exactly_like_the_training_summary():
+    rng = np.random.default_rng(3)
+    train = {"amount": rng.lognormal(3, 1, 5000), "score": rng.beta(1, 30, 5000)}
+    reference = _reference(train)
+    live = {"amount": rng.lognormal(3.4, 1, 700), "score": rng.beta(1, 20, 700)}
+    stats = health.WindowStats()
+    for i in range(700):
+        stats.add(health.Observation("v1", "approve", float(live["score"][i]), 5.0, {"amount": float(live["amount"][i])}), reference)
+    psi = stats.psi(reference)
+    for name in ("amount", "score"):
+        summary = drift.summarize(train[name])
+        expected = drift.psi(summary["bin_proportions"], drift.bin_proportions(live[name], summary["bin_edges"]))
+        assert psi[name] == pytest.approx(expected, abs=1e-6)
+
+
+def test_window_stats_merge_like_one_window():
+    rng = np.random.default_rng(4)
+    reference = _reference({"amount": rng.lognormal(3, 1, 2000), "score": rng.random(2000)})
+    observations = [
+        health.Observation("v1", random.Random(i).choice(decisions.DECISIONS), float(rng.random()), float(rng.integers(1, 5000)), {"amount": float(rng.lognormal(3, 1))})
+        for i in range(300)
+    ]
+    whole, parts = health.WindowStats(), [health.WindowStats() for _ in range(3)]
+    for i, observation in enumerate(observations):
+        whole.add(observation, reference)
+        parts[i % 3].add(observation, reference)
+    merged = health.merge_all(parts)
+    assert (merged.events, merged.decisions, merged.latency, merged.bins) == (whole.events, whole.decisions, whole.latency, whole.bins)
+
+
+def test_health_record_fields_and_drift_list():
+    rng = np.random.default_rng(5)
+    reference = _reference({"amount": rng.lognormal(3, 1, 3000), "score": rng.beta(1, 30, 3000)})
+    stats = health.WindowStats()
+    for i in range(250):
+        decision = "decline" if i < 5 else ("review" if i < 20 else "approve")
+        stats.add(health.Observation("v1", decision, float(rng.beta(1, 30)), 100.0 + i, {"amount": float(rng.lognormal(5, 1))}), reference)
+    tally = health.LabelTally()
+    tally.count_scored(stats.decisions)
+    for delta in [health.LabelDelta("v1", "decline", 1)] * 4 + [health.LabelDelta("v1", "approve", 1)] * 2:
+        health.apply({"v1": tally}, delta)
+    record = health.health_record("v1", stats, tally, reference, ("a", "b"), "c", psi_threshold=0.2, min_events=200)
+    assert record["events"] == 250
+    assert record["decisions"] == {"approve": 230, "review": 15, "decline": 5}
+    assert record["alert_rate"] == pytest.approx(20 / 250)
+    assert record["drifted"][0] == "amount" and record["psi"]["amount"] > 1.0
+    assert "score" not in record["drifted"]
+    assert record["labels"]["precision"] == {"review": 0.0, "decline": 0.8}
+    assert record["labels"]["fraud_flagged_share"] == pytest.approx(4 / 6)
+    assert health.alarm(record) == "drift"
+    few = health.health_record("v1", stats, tally, reference, ("a", "b"), "c", min_events=251)
+    assert few["psi"] == {} and few["drifted"] == [] and health.alarm(few) == "none"
+
+
+def brute_force_labels(insights, reports) -> dict[str, dict]:
+    """Per version: scored and flagged counts, and frauds by decision under the latest report."""
+    latest = {}
+    for report in reports:
+        latest[report["transaction_id"]] = bool(report["is_fraud"])
+    out: dict[str, dict] = {}
+    for insight in insights:
+        row = out.setdefault(insight["model_version"], {"scored": 0, "flagged": Counter(), "frauds": Counter()})
+        row["scored"] += 1
+        row["flagged"][insight["decision"]] += 1
+        if latest.get(insight["transaction_id"]):
+            row["frauds"][insight["decision"]] += 1
+    result = {}
+    for version, row in out.items():
+        frauds = sum(row["frauds"].values())
+        caught = row["frauds"]["review"] + row["frauds"]["decline"]
+        result[version] = {
+            "scored": row["scored"],
+            "flagged": {d: row["flagged"][d] for d in ("review", "decline")},
+            "reported_frauds": frauds,
+            "frauds_flagged": {d: row["frauds"][d] for d in ("review", "decline")},
+            "precision": {d: (round(row["frauds"][d] / row["flagged"][d], 6) if row["flagged"][d] else None) for d in ("review", "decline")},
+            "fraud_flagged_share": round(caught / frauds, 6) if frauds else None,
+        }
+    return result
+
+
+_event = st.tuples(st.sampled_from(["scored", "report"]), st.integers(0, 7), st.sampled_from(["v1", "v2"]), st.sampled_from(decisions.DECISIONS), st.booleans())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_event, max_size=40))
+def test_the_label_join_matches_brute_force_in_any_order(stream):
+    joined, tallies = health.CustomerLabels(), {}
+    insights, reports = [], []
+    for kind, n, version, decision, is_fraud in stream:
+        tx = f"t{n}"
+        if kind == "scored":
+            if any(i["transaction_id"] == tx for i in insights):
+                continue  # one insight per transaction
+            insights.append({"transaction_id": tx, "model_version": version, "decision": decision})
+            tallies.setdefault(version, health.LabelTally()).count_scored({decision: 1})
+            deltas = joined.on_scored(tx, version, decision, n)
+        else:
+            reports.append({"transaction_id": tx, "is_fraud": is_fraud})
+            deltas = joined.on_report(tx, is_fraud, n)
+        for delta in deltas:
+            health.apply(tallies, delta)
+    expected = brute_force_labels(insights, reports)
+    assert {version: tally.record() for version, tally in tallies.items() if tally.scored} == expected
+
+
+def test_the_label_join_forgets_old_entries():
+    joined = health.CustomerLabels()
+    joined.on_scored("old", "v1", "review", 0)
+    joined.on_report("older", True, 0)
+    joined.on_scored("new", "v1", "review", 61 * DAY_US)
+    assert joined.prune(60 * DAY_US) == 2
+    assert set(joined.scored) == {"new"} and not joined.reports
+
+
+# --- the Beam transform on real features ---------------------------------------------------------
+
+SHIFT_FROM = "2026-02-23"  # the last three simulated days of the `trained` history
+SHIFT = 3.0
+
+
+@pytest.fixture(scope="module")
+def shifted_examples(trained, tmp_path_factory):
+    """Backfill examples of the `trained` history with every amount from SHIFT_FROM on multiplied by SHIFT."""
+    from beam_pipelines import backfill
+
+    work = tmp_path_factory.mktemp("shifted")
+    history = work / "history.jsonl"
+    with open(trained.history) as source, open(history, "w") as target:
+        for line in source:
+            record = json.loads(line)
+            if record["kind"] == "transaction" and record["event"]["event_time"] >= SHIFT_FROM:
+                record["event"]["amount"] = round(record["event"]["amount"] * SHIFT, 2)
+            target.write(json.dumps(record) + "\n")
+    out = work / "examples"
+    backfill.run(["--input", str(history), "--examples_out", str(out), "--no_state"]).wait_until_finish()
+    return out
+
+
+def _insights(examples_dir, model) -> list[dict]:
+    """Insights as the scorer would make them for the examples from SHIFT_FROM on (real features and scores)."""
+    start = events.parse_timestamp(SHIFT_FROM + "T00:00:00Z", "start")
+    columns = examples.read_columns(str(examples_dir), start_us=start)
+    values = {name: columns[name] for name in RAW_FEATURES}
+    scores = model.score(values)
+    chosen = decisions.decide(scores, model.thresholds["review"], model.thresholds["decline"])
+    out = []
+    for i, tx in enumerate(columns["transaction_id"]):
+        out.append(
+            {
+                "transaction_id": tx,
+                "customer_id": columns["customer_id"][i],
+                "event_time": events.format_timestamp(int(columns["event_time_us"][i])),
+                "model_version": model.version,
+                "decision": chosen[i],
+                "score": float(scores[i]),
+                "features": {name: float(values[name][i]) for name in RAW_FEATURES},
+            }
+        )
+    return out
+
+
+_COLLECTED: list[dict] = []  # the in-process streaming DirectRunner calls `_collect` by reference
+
+
+def _collect(record: dict) -> None:
+    _COLLECTED.append(record)
+
+
+def _run_health(insights: list[dict], feedback: list[events.Feedback], model_dir: str, period: float = 60.0) -> dict:
+    """Insights and feedback through `MonitorModel` on the streaming DirectRunner; the last record.
+
+    The health buckets follow the wall clock, the timers the test clock, which starts at 0: it
+    jumps past two period boundaries after the wall-clock time of the elements, and the second
+    tick's window holds them all even if processing crossed the first boundary.
+    """
+    now = time.time()
+    stream = (
+        TestStream(output_tags={"insights", "feedback"})
+        .add_elements([TimestampedValue(i, now - 0.25) for i in insights], tag="insights")
+        .add_elements([TimestampedValue(f, now) for f in feedback], tag="feedback")
+        .advance_processing_time(int(now + 2 * period + 1))
+        .advance_watermark_to_infinity()
+    )
+    _COLLECTED.clear()
+    options = PipelineOptions(runner="BundleBasedDirectRunner")
+    options.view_as(StandardOptions).streaming = True
+    with beam.Pipeline(options=options) as pipeline:
+        inputs = pipeline | stream
+        out = (inputs["insights"], inputs["feedback"]) | MonitorModel(model_dir, window_secs=600, period_secs=period)
+        _ = out | beam.Map(_collect)
+    versions = {record["model_version"] for record in _COLLECTED}
+    assert len(versions) == 1 and 1 <= len(_COLLECTED) <= 3, _COLLECTED
+    return _COLLECTED[-1]
+
+
+@pytest.fixture(scope="module")
+def served(trained):
+    return loader.load(trained.version)
+
+
+@pytest.mark.slow
+def test_a_shifted_stream_drifts_and_a_training_like_one_does_not(trained, shifted_examples, served):
+    model_dir = str(trained.model_dir)
+    steady = _insights(trained.examples, served)
+    shifted = _insights(shifted_examples, served)
+    assert len(steady) == len(shifted) > 1000
+
+    record = _run_health(steady, [], model_dir)
+    assert record["events"] == len(steady) and record["model_version"] == served.version
+    assert record["drifted"] == [], record["psi"]
+    assert set(record["psi"]) == {*RAW_FEATURES, "score"}
+
+    record = _run_health(shifted, [], model_dir)
+    print("PSI under a x3 amount shift:", json.dumps(record["psi"], indent=1))
+    assert {"amount", "customer_avg_amount_1d", "customer_avg_amount_7d"} <= set(record["drifted"])
+    counts = [name for name in RAW_FEATURES if "nb_tx" in name or name.startswith("tx_during")]
+    assert not set(counts) & set(record["drifted"]), record["psi"]
+    assert record["drifted"] == sorted(record["drifted"], key=lambda n: -record["psi"][n])
+
+
+@pytest.mark.slow
+def test_delayed_labels_in_the_stream_equal_brute_force(trained, served):
+    steady = _insights(trained.examples, served)[:800]
+    by_id = {i["transaction_id"]: i for i in steady}
+    # Real reports for these transactions from the history, plus retractions and reports of unscored ones.
+    reports = []
+    for line in open(trained.history):
+        record = json.loads(line)
+        if record["kind"] == "feedback" and record["event"]["transaction_id"] in by_id:
+            reports.append(record["event"])
+    # Plus reports of unreported ones (some flagged), retractions of unreported ones, and a report
+    # of a transaction never scored. One report per transaction: the order of several reports of
+    # one transaction is the pure join's test above.
+    rng = random.Random(7)
+    unreported = [i for i in steady if i["transaction_id"] not in {r["transaction_id"] for r in reports}]
+    flagged = [i for i in unreported if i["decision"] != "approve"][:10]
+    rest = [i for i in unreported if i["decision"] == "approve"]
+    picked = rng.sample(rest, 40)
+    reports += [{**_report_of(i), "is_fraud": True} for i in flagged + picked[:30]]
+    reports += [{**_report_of(i), "is_fraud": False} for i in picked[30:]]
+    reports.append({**_report_of(steady[0]), "transaction_id": "never-scored", "is_fraud": True})
+    feedback = [events.feedback_from_object(r) for r in reports]
+    record = _run_health(steady, feedback, str(trained.model_dir))
+    expected = brute_force_labels(steady, reports)[served.version]
+    assert record["labels"] == expected
+    assert expected["reported_frauds"] > 0 and expected["frauds_flagged"]["review"] + expected["frauds_flagged"]["decline"] > 0
+
+
+def _report_of(insight: dict) -> dict:
+    return {
+        "transaction_id": insight["transaction_id"],
+        "customer_id": insight["customer_id"],
+        "terminal_id": "T",
+        "event_time": insight["event_time"],
+        "reported_at": insight["event_time"],
+    }

@@ -1,0 +1,247 @@
+"""Model health in the scoring pipeline: drift, delayed labels and service figures per window.
+
+    insights --ObserveFn (per bundle: counts and feature bins per version) ------------.
+    insights + feedback --keyed by customer--> LabelJoinFn (fraud label changes) -------+--> HealthFn --> records
+                                                                                         (one key; a processing-time
+                                                                                          timer every period)
+
+`HealthFn` keeps per-period buckets of `rtml.health.WindowStats` and, every `period_secs` of
+processing time, publishes one record per model version seen in the last `window_secs` (the
+schema is in `rtml.health`). Delayed-label tallies are cumulative since the job started: the
+count of scored transactions and decisions comes from the observations, the fraud labels from
+`LabelJoinFn`, which joins each customer's insights with the fraud feedback in either order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+
+from models import loader
+from rtml import drift, events, health
+
+_LOG = logging.getLogger(__name__)
+NAMESPACE = "health"
+HEALTH_KEY = "health"
+DAY_US = 86_400 * 1_000_000
+# How long a customer's scored transactions wait for fraud feedback in the label join, by event
+# time: the longest feature window plus the feedback delay, with margin.
+LABEL_RETENTION_US = 60 * DAY_US
+
+
+class References:
+    """Training distributions per model version, read from `model_dir/VERSION/metadata.json` once."""
+
+    def __init__(self, model_dir: str):
+        self._model_dir = model_dir.rstrip("/")
+        self._known: dict[str, health.Reference | None] = {}
+
+    def get(self, version: str) -> health.Reference | None:
+        if version not in self._known:
+            try:
+                self._known[version] = health.Reference.from_metadata(loader.read_metadata(f"{self._model_dir}/{version}"))
+            except Exception as err:  # noqa: BLE001 - health goes on without drift for this version
+                _LOG.warning("health: no training statistics for model version %s (%s); its PSI is not computed", version, err)
+                self._known[version] = None
+        return self._known[version]
+
+
+class ObserveFn(beam.DoFn):
+    """Insights -> one `(HEALTH_KEY, ("stats", {version: WindowStats}))` per bundle.
+
+    Latency is from the element timestamp (the publish time) to the insight's processing.
+    """
+
+    def __init__(self, model_dir: str):
+        self._model_dir = model_dir
+
+    def setup(self):
+        self._references = References(self._model_dir)
+
+    def start_bundle(self):
+        self._stats: dict[str, health.WindowStats] = {}
+
+    def process(self, insight: dict, timestamp=beam.DoFn.TimestampParam):
+        latency_ms = max(0.0, (time.time_ns() // 1000 - timestamp.micros) / 1000)
+        version = insight["model_version"]
+        observation = health.Observation.from_insight(insight, latency_ms)
+        self._stats.setdefault(version, health.WindowStats()).add(observation, self._references.get(version))
+
+    def finish_bundle(self):
+        if self._stats:
+            now = Timestamp.of(time.time())
+            yield WindowedValue((HEALTH_KEY, ("stats", self._stats)), now, [GlobalWindow()])
+
+
+def scored_event(insight: dict) -> tuple[str, tuple]:
+    return insight["customer_id"], (
+        "scored",
+        insight["transaction_id"],
+        insight["model_version"],
+        insight["decision"],
+        events.parse_timestamp(insight["event_time"], "event_time"),
+    )
+
+
+def report_event(feedback: events.Feedback) -> tuple[str, tuple]:
+    return feedback.customer_id, ("report", feedback.transaction_id, feedback.is_fraud, feedback.event_time_us)
+
+
+class LabelJoinFn(beam.DoFn):
+    """Per customer: joins insights with fraud reports; emits fraud-label changes of scored transactions."""
+
+    LABELS = ReadModifyWriteStateSpec("labels", PickleCoder())
+
+    def setup(self):
+        self._changes = Metrics.counter(NAMESPACE, "label_changes")
+        self._pruned = Metrics.counter(NAMESPACE, "label_entries_pruned")
+
+    def process(self, element: tuple[str, tuple], labels=beam.DoFn.StateParam(LABELS)):
+        _, event = element
+        joined: health.CustomerLabels = labels.read() or health.CustomerLabels()
+        if event[0] == "scored":
+            _, tx, version, decision, event_us = event
+            deltas = joined.on_scored(tx, version, decision, event_us)
+        else:
+            _, tx, is_fraud, event_us = event
+            deltas = joined.on_report(tx, is_fraud, event_us)
+        pruned = joined.prune(LABEL_RETENTION_US)
+        if pruned:
+            self._pruned.inc(pruned)
+        labels.write(joined)
+        if deltas:
+            self._changes.inc(len(deltas))
+            yield HEALTH_KEY, ("labels", deltas)
+
+
+class HealthFn(beam.DoFn):
+    """One key: per-period buckets of window stats and cumulative label tallies; a record per version each period."""
+
+    STATE = ReadModifyWriteStateSpec("health", PickleCoder())
+    TICK = TimerSpec("tick", TimeDomain.REAL_TIME)
+
+    def __init__(
+        self,
+        model_dir: str,
+        window_secs: float,
+        period_secs: float,
+        psi_threshold: float = drift.PSI_ALERT,
+        min_events: int = health.DEFAULT_MIN_EVENTS,
+    ):
+        if period_secs <= 0 or window_secs < period_secs:
+            raise ValueError("health windows need period_secs > 0 and window_secs >= period_secs")
+        self._model_dir = model_dir
+        self._window = window_secs
+        self._period = period_secs
+        self._psi_threshold = psi_threshold
+        self._min_events = min_events
+
+    def setup(self):
+        self._references = References(self._model_dir)
+        self._records = Metrics.counter(NAMESPACE, "records")
+        self._alarms = Metrics.counter(NAMESPACE, "drift_alarms")
+
+    def _bucket(self, seconds: float) -> int:
+        return int(seconds // self._period)
+
+    def process(
+        self,
+        element: tuple[str, tuple[str, Any]],
+        state=beam.DoFn.StateParam(STATE),
+        tick=beam.DoFn.TimerParam(TICK),
+    ):
+        _, (kind, payload) = element
+        current = state.read() or {"buckets": {}, "tallies": {}, "armed": False, "last_version": None}
+        if kind == "stats":
+            bucket = current["buckets"].setdefault(self._bucket(time.time()), {})
+            for version, stats in payload.items():
+                bucket.setdefault(version, health.WindowStats()).merge(stats)
+                current["tallies"].setdefault(version, health.LabelTally()).count_scored(stats.decisions)
+                current["last_version"] = version
+        else:
+            for delta in payload:
+                health.apply(current["tallies"], delta)
+        if not current["armed"]:
+            tick.set(Timestamp.of((self._bucket(time.time()) + 1) * self._period))
+            current["armed"] = True
+        state.write(current)
+
+    @on_timer(TICK)
+    def on_tick(self, state=beam.DoFn.StateParam(STATE), tick=beam.DoFn.TimerParam(TICK), fire=beam.DoFn.TimestampParam):
+        current = state.read()
+        end_s = float(fire.micros) / 1e6
+        end_bucket = self._bucket(end_s + self._period / 2)  # the tick's own boundary, rounding away float error
+        first_bucket = end_bucket - max(1, round(self._window / self._period))
+        current["buckets"] = {b: stats for b, stats in current["buckets"].items() if b >= first_bucket}
+        in_window = [stats for b, stats in current["buckets"].items() if b < end_bucket]
+        versions = sorted({version for stats in in_window for version in stats})
+        if not versions and current["last_version"] is not None:
+            versions = [current["last_version"]]  # a heartbeat with zero events: the stream stopped
+        window = (
+            events.format_timestamp(int((end_bucket * self._period - self._window) * 1e6)),
+            events.format_timestamp(int(end_bucket * self._period * 1e6)),
+        )
+        emitted_at = events.format_timestamp(time.time_ns() // 1000)
+        for version in versions:
+            stats = health.merge_all(bucket[version] for bucket in in_window if version in bucket)
+            record = health.health_record(
+                version,
+                stats,
+                current["tallies"].get(version),
+                self._references.get(version),
+                window,
+                emitted_at,
+                self._psi_threshold,
+                self._min_events,
+            )
+            self._records.inc()
+            if record["drifted"]:
+                self._alarms.inc()
+                _LOG.warning("model %s drift: %s", version, ", ".join(f"{n} PSI {record['psi'][n]:.3f}" for n in record["drifted"]))
+            yield record
+        tick.set(Timestamp.of((end_bucket + 1) * self._period))
+        state.write(current)
+
+
+def health_message(record: dict) -> PubsubMessage:
+    data = json.dumps(record, separators=(",", ":")).encode("utf-8")
+    return PubsubMessage(data, {"model_version": record["model_version"], "alarm": health.alarm(record)})
+
+
+class MonitorModel(beam.PTransform):
+    """(insights, validated feedback) -> health records (dicts), one per version every period."""
+
+    def __init__(self, model_dir: str, window_secs: float = 600.0, period_secs: float = 60.0, psi_threshold: float = drift.PSI_ALERT, min_events: int = health.DEFAULT_MIN_EVENTS):
+        super().__init__()
+        self._health = HealthFn(model_dir, window_secs, period_secs, psi_threshold, min_events)
+        self._model_dir = model_dir
+
+    def expand(self, inputs):
+        insights, feedback = inputs
+        # Typed (str key, value) pairs all the way: the stateful steps need a deterministic key coder.
+        keyed = tuple[str, Any]
+        observed = insights | "Observe" >> beam.ParDo(ObserveFn(self._model_dir)).with_output_types(keyed)
+        scored = insights | "ScoredByCustomer" >> beam.Map(scored_event).with_output_types(keyed)
+        reports = feedback | "ReportsByCustomer" >> beam.Map(report_event).with_output_types(keyed)
+        label_changes = (
+            (scored, reports)
+            | "FlattenLabelEvents" >> beam.Flatten()
+            | "JoinLabels" >> beam.ParDo(LabelJoinFn()).with_input_types(keyed).with_output_types(keyed)
+        )
+        return (
+            (observed, label_changes)
+            | "FlattenHealthInputs" >> beam.Flatten()
+            | "Health" >> beam.ParDo(self._health).with_input_types(tuple[str, Any])
+        )
