@@ -224,6 +224,14 @@ def write_report(results: dict) -> None:
             f"{q.get('mean_inference_batch_size', {}).get('median', '-')}) | passthrough (validate -> write): "
             f"{p['max_throughput_per_s']['median']} events/s | {c['throughput_ratio']} | >= 0.9 |"
         )
+        if "scoring_no_health" in c:
+            n = c["scoring_no_health"]
+            lines.append(
+                f"| model health's cost, {c['events']:,} transactions published at once | bundle-based DirectRunner + emulators | "
+                f"scoring with health: {q['max_throughput_per_s']['median']} events/s | scoring with `--no_health`: "
+                f"{n['max_throughput_per_s']['median']} events/s (p99 at {c['paced_rate_per_s']:.0f}/s: {n['p99_ms']['median']} ms) | "
+                f"{c['health_throughput_ratio']} | - |"
+            )
         lines.append(
             f"| streaming latency p99 at {c['paced_rate_per_s']:.0f} events/s offered | bundle-based DirectRunner + emulators | "
             f"scoring: p50 {q['p50_ms']['median']} ms, p99 {q['p99_ms']['median']} ms | passthrough: p50 "

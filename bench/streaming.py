@@ -7,8 +7,9 @@ one output):
   possible; outputs per second from the first publish to the last output;
 - latency at 100 events/s: 3,000 events paced at 100/s; publish-to-output p50 and p99.
 Passthrough is `beam_pipelines.validate` (validate -> write); scoring is `beam_pipelines.score`
-(validate -> Bigtable-backed features -> RunInference -> insight), each on fresh topics, and
-scoring on a fresh feature table.
+(validate -> Bigtable-backed features -> RunInference -> insight, and model health), each on
+fresh topics, and scoring on a fresh feature table. Scoring also runs with `--no_health`, to
+show what the health records cost.
 """
 
 from __future__ import annotations
@@ -132,11 +133,17 @@ def bench_scoring(services, repeat: int, log, models: Path | None = None) -> dic
     scoring = _run_pipeline(
         services, "beam_pipelines.score", [f"--model_dir={models}"], config.INSIGHTS_TOPIC, source, work, log, repeat
     )
+    log("scoring pipeline without model health (beam_pipelines.score --no_health)")
+    no_health = _run_pipeline(
+        services, "beam_pipelines.score", [f"--model_dir={models}", "--no_health"], config.INSIGHTS_TOPIC, source, work, log, repeat
+    )
     return {
         "events": EVENTS,
         "paced_rate_per_s": PACED_RATE,
         "passthrough": passthrough,
         "scoring": scoring,
+        "scoring_no_health": no_health,
+        "health_throughput_ratio": round(scoring["max_throughput_per_s"]["median"] / no_health["max_throughput_per_s"]["median"], 3),
         "throughput_ratio": round(scoring["max_throughput_per_s"]["median"] / passthrough["max_throughput_per_s"]["median"], 3),
         "p99_ratio": round(scoring["p99_ms"]["median"] / passthrough["p99_ms"]["median"], 3),
     }
