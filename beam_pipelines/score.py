@@ -151,7 +151,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
     health_records = None
     if not args.no_health:
         health_topic = args.health_topic or config.topic_path(opts.project_of(options), config.HEALTH_TOPIC)
-        health_records = (scored.insights, inputs.feedback) | "MonitorModel" >> MonitorModel(
+        health_records = (scored.observations, scored.insights, inputs.feedback) | "MonitorModel" >> MonitorModel(
             model_dir, args.health_window_secs, args.health_period_secs, args.psi_threshold, args.health_min_events
         )
         _ = (

@@ -55,7 +55,10 @@ def model_dir(work: Path, log) -> Path:
     return work / "models"
 
 
-def _run_pipeline(services, module: str, args: list[str], output_topic_key: str, source: Path, work: Path, log, repeat: int) -> dict:
+def _run_pipeline(
+    services, module: str, args: list[str], output_topic_key: str, source: Path, work: Path, log, repeat: int, variant: str = ""
+) -> dict:
+    """`variant` names a second run of the same module (own log, own feature table)."""
     from rtml import config, loadtest
     from rtml.processes import PipelineProcess
     from tests.conftest import make_topics
@@ -75,7 +78,7 @@ def _run_pipeline(services, module: str, args: list[str], output_topic_key: str,
         if module == "beam_pipelines.score":
             from rtml import emulators
 
-            table = f"bench{attempt}{abs(hash(str(work))) % 10_000}"
+            table = f"bench{variant}{attempt}{abs(hash(str(work))) % 10_000}"
             emulators.ensure_feature_table(services, table)
             extra.append(f"--bigtable_table={table}")
         files = {
@@ -87,11 +90,11 @@ def _run_pipeline(services, module: str, args: list[str], output_topic_key: str,
             )
         }
         subscription = topics[output_topic_key] + "-sub"
-        with PipelineProcess(module, io + extra, work / f"{module}-{attempt}.log") as job:
+        with PipelineProcess(module, io + extra, work / f"{module}{variant}-{attempt}.log") as job:
             loadtest.drive(files["warmup"], project, topics, subscription, None, WARMUP, job, progress=False, idle_timeout_s=300)
             burst = loadtest.drive(files["burst"], project, topics, subscription, None, EVENTS, job, progress=False)
             paced = loadtest.drive(files["paced"], project, topics, subscription, None, EVENTS, job, rate=PACED_RATE, progress=False)
-        batches, examples = logged_batches(work / f"{module}-{attempt}.log")
+        batches, examples = logged_batches(work / f"{module}{variant}-{attempt}.log")
         results.setdefault("inference_batches_logged", []).append(batches)
         results.setdefault("mean_inference_batch_size", []).append(round(examples / batches, 2) if batches else None)
         if len(burst.outputs) != EVENTS or len(paced.outputs) != EVENTS:
@@ -135,7 +138,7 @@ def bench_scoring(services, repeat: int, log, models: Path | None = None) -> dic
     )
     log("scoring pipeline without model health (beam_pipelines.score --no_health)")
     no_health = _run_pipeline(
-        services, "beam_pipelines.score", [f"--model_dir={models}", "--no_health"], config.INSIGHTS_TOPIC, source, work, log, repeat
+        services, "beam_pipelines.score", [f"--model_dir={models}", "--no_health"], config.INSIGHTS_TOPIC, source, work, log, repeat, "nohealth"
     )
     return {
         "events": EVENTS,

@@ -213,6 +213,11 @@ def _insights(examples_dir, model) -> list[dict]:
     return out
 
 
+def _latency(i: int) -> float:
+    """A made-up publish-to-insight latency for the i-th insight: 100 ms to 1,099 ms, evenly."""
+    return 100.0 + (i * 37) % 1000
+
+
 _COLLECTED: list[dict] = []  # the in-process streaming DirectRunner calls `_collect` by reference
 
 
@@ -228,9 +233,11 @@ def _run_health(insights: list[dict], feedback: list[events.Feedback], model_dir
     tick's window holds them all even if processing crossed the first boundary.
     """
     now = time.time()
+    observations = [health.Observation.from_insight(insight, _latency(i)) for i, insight in enumerate(insights)]
     stream = (
-        TestStream(output_tags={"insights", "feedback"})
-        .add_elements([TimestampedValue(i, now - 0.25) for i in insights], tag="insights")
+        TestStream(output_tags={"observations", "insights", "feedback"})
+        .add_elements([TimestampedValue(o, now) for o in observations], tag="observations")
+        .add_elements([TimestampedValue(i, now) for i in insights], tag="insights")
         .add_elements([TimestampedValue(f, now) for f in feedback], tag="feedback")
         .advance_processing_time(int(now + 2 * period + 1))
         .advance_watermark_to_infinity()
@@ -240,7 +247,7 @@ def _run_health(insights: list[dict], feedback: list[events.Feedback], model_dir
     options.view_as(StandardOptions).streaming = True
     with beam.Pipeline(options=options) as pipeline:
         inputs = pipeline | stream
-        out = (inputs["insights"], inputs["feedback"]) | MonitorModel(model_dir, window_secs=600, period_secs=period)
+        out = (inputs["observations"], inputs["insights"], inputs["feedback"]) | MonitorModel(model_dir, window_secs=600, period_secs=period)
         _ = out | beam.Map(_collect)
     versions = {record["model_version"] for record in _COLLECTED}
     assert len(versions) == 1 and 1 <= len(_COLLECTED) <= 3, _COLLECTED
@@ -261,6 +268,10 @@ def test_a_shifted_stream_drifts_and_a_training_like_one_does_not(trained, shift
 
     record = _run_health(steady, [], model_dir)
     assert record["events"] == len(steady) and record["model_version"] == served.version
+    latencies = sorted(_latency(i) for i in range(len(steady)))
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        exact = latencies[int(np.ceil(q * len(latencies))) - 1]
+        assert exact / health.LATENCY_BASE <= record["latency_ms"][name] <= exact * health.LATENCY_BASE
     assert record["drifted"] == [], record["psi"]
     assert set(record["psi"]) == {*RAW_FEATURES, "score"}
 

@@ -93,6 +93,9 @@ def test_health_labels_then_retrain_changes_the_served_version_and_refuses_a_wor
         assert last["labels"] == expected["20260101-000000"], (last["labels"], expected)
         assert all(r["labels"]["scored"] <= len(insights) for r in health)
         assert max(r["events"] for r in health) >= 50 and any(r["psi"] for r in health)
+        # Publish-to-insight latency locally is tens of milliseconds at least, never the 0 ms bucket.
+        busy = [r for r in health if r["events"]]
+        assert all(5 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"] < 600_000 for r in busy), [r["latency_ms"] for r in busy]
         assert {r["model_version"] for r in health} == {"20260101-000000"}
         assert records[-1].attributes == {"model_version": "20260101-000000", "alarm": "drift" if last["drifted"] else "none"}
 

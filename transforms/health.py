@@ -1,6 +1,6 @@
 """Model health in the scoring pipeline: drift, delayed labels and service figures per window.
 
-    insights --ObserveFn (per bundle: counts and feature bins per version) ------------.
+    observations --ObserveFn (per bundle: counts and feature bins per version) --------.
     insights + feedback --keyed by customer--> LabelJoinFn (fraud label changes) -------+--> HealthFn --> records
                                                                                          (one key; a processing-time
                                                                                           timer every period)
@@ -59,10 +59,7 @@ class References:
 
 
 class ObserveFn(beam.DoFn):
-    """Insights -> one `(HEALTH_KEY, ("stats", {version: WindowStats}))` per bundle.
-
-    Latency is from the element timestamp (the publish time) to the insight's processing.
-    """
+    """`rtml.health.Observation`s -> one `(HEALTH_KEY, ("stats", {version: WindowStats}))` per bundle."""
 
     def __init__(self, model_dir: str):
         self._model_dir = model_dir
@@ -73,10 +70,8 @@ class ObserveFn(beam.DoFn):
     def start_bundle(self):
         self._stats: dict[str, health.WindowStats] = {}
 
-    def process(self, insight: dict, timestamp=beam.DoFn.TimestampParam):
-        latency_ms = max(0.0, (time.time_ns() // 1000 - timestamp.micros) / 1000)
-        version = insight["model_version"]
-        observation = health.Observation.from_insight(insight, latency_ms)
+    def process(self, observation: health.Observation):
+        version = observation.model_version
         self._stats.setdefault(version, health.WindowStats()).add(observation, self._references.get(version))
 
     def finish_bundle(self):
@@ -221,7 +216,10 @@ def health_message(record: dict) -> PubsubMessage:
 
 
 class MonitorModel(beam.PTransform):
-    """(insights, validated feedback) -> health records (dicts), one per version every period."""
+    """(observations, insights, validated feedback) -> health records (dicts), one per version every period.
+
+    `observations` are `AssembleInsightFn`'s (insights with their publish-to-emit latency).
+    """
 
     def __init__(self, model_dir: str, window_secs: float = 600.0, period_secs: float = 60.0, psi_threshold: float = drift.PSI_ALERT, min_events: int = health.DEFAULT_MIN_EVENTS):
         super().__init__()
@@ -229,10 +227,10 @@ class MonitorModel(beam.PTransform):
         self._model_dir = model_dir
 
     def expand(self, inputs):
-        insights, feedback = inputs
+        observations, insights, feedback = inputs
         # Typed (str key, value) pairs all the way: the stateful steps need a deterministic key coder.
         keyed = tuple[str, Any]
-        observed = insights | "Observe" >> beam.ParDo(ObserveFn(self._model_dir)).with_output_types(keyed)
+        observed = observations | "Observe" >> beam.ParDo(ObserveFn(self._model_dir)).with_output_types(keyed)
         scored = insights | "ScoredByCustomer" >> beam.Map(scored_event).with_output_types(keyed)
         reports = feedback | "ReportsByCustomer" >> beam.Map(report_event).with_output_types(keyed)
         label_changes = (

@@ -35,7 +35,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 
 from models import decisions, loader
 from models.features import RAW_FEATURES
-from rtml import events
+from rtml import events, health
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "scoring"
@@ -240,7 +240,10 @@ def insight_record(example: ScoringExample, inference: dict, processed_at_us: in
 
 
 class AssembleInsightFn(beam.DoFn):
-    """(transaction_id, PredictionResult) -> insight dict; counts decisions and publish-to-emit latency."""
+    """(transaction_id, PredictionResult) -> insight dict; counts decisions and publish-to-emit latency.
+
+    Also an `OBSERVATIONS` output: each insight as a `rtml.health.Observation`, with its latency.
+    """
 
     def setup(self):
         self._insights = _counter("insights")
@@ -258,10 +261,14 @@ class AssembleInsightFn(beam.DoFn):
             )
             return
         record = insight_record(result.example, result.inference, now_us)
+        latency_ms = max(0, (now_us - result.example.published_at_us) // 1000)
         self._insights.inc()
         self._by_decision[record["decision"]].inc()
-        self._latency.update(max(0, (now_us - result.example.published_at_us) // 1000))
+        self._latency.update(latency_ms)
         yield record
+        # For model health: after RunInference's batching, element timestamps are no longer the
+        # publish times, so the latency travels with the observation.
+        yield beam.pvalue.TaggedOutput(OBSERVATIONS, health.Observation.from_insight(record, latency_ms))
 
 
 def insight_message(record: dict) -> PubsubMessage:
@@ -271,6 +278,7 @@ def insight_message(record: dict) -> PubsubMessage:
 
 
 DEAD_LETTERS = "dead_letters"
+OBSERVATIONS = "observations"
 
 
 def transaction_dead_letter(example: ScoringExample, error: str, received_us: int) -> dict:
@@ -296,6 +304,7 @@ def failed_batch_dead_letters(failure) -> Iterable[tuple[str, dict]]:
 class Scored(NamedTuple):
     insights: beam.PCollection  # insight dicts
     dead_letters: beam.PCollection  # (error_kind, dead-letter record)
+    observations: beam.PCollection  # rtml.health.Observation per insight
 
 
 class ScoreTransactions(beam.PTransform):
@@ -321,8 +330,8 @@ class ScoreTransactions(beam.PTransform):
         ).with_exception_handling()
         predictions, errors = keyed | "RunInference" >> run_inference
         assembled = predictions | "AssembleInsights" >> beam.ParDo(AssembleInsightFn()).with_outputs(
-            DEAD_LETTERS, main="insights"
+            DEAD_LETTERS, OBSERVATIONS, main="insights"
         )
         failed = errors.failed_inferences | "FailedInferences" >> beam.FlatMap(failed_batch_dead_letters)
         dead_letters = (assembled[DEAD_LETTERS], failed) | "FlattenScoringDeadLetters" >> beam.Flatten()
-        return Scored(assembled.insights, dead_letters)
+        return Scored(assembled.insights, dead_letters, assembled[OBSERVATIONS])
