@@ -19,19 +19,20 @@ from tests.test_serving import publish_replay, score_args
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow]
 
-WEEK = ("2026-02-19", "2026-02-26")  # the last simulated week of the `trained` history
+WEEK = ("2026-02-05", "2026-02-12")  # a week of the `trained` history whose fraud reports (7 days later) are in it too
 PERIOD_S = 3
 
 
 def _week_of_some_customers(history, out, share: int = 8) -> tuple[list[dict], list[dict]]:
-    """The last week's lines of one customer in `share` (with their feedback): (transactions, reports)."""
+    """The last week's transactions of one customer in `share`, and every report of those
+    transactions (reports come days later: some after the week), in publication order:
+    (transactions, reports)."""
     transactions, reports = [], []
     with open(history) as source, open(out, "w") as target:
         for line in source:
             record = json.loads(line)
             event = record["event"]
-            published = event["event_time"] if record["kind"] == "transaction" else event["reported_at"]
-            if not WEEK[0] <= published < WEEK[1] or zlib.crc32(event["customer_id"].encode()) % share:
+            if not WEEK[0] <= event["event_time"] < WEEK[1] or zlib.crc32(event["customer_id"].encode()) % share:
                 continue
             target.write(line)
             (transactions if record["kind"] == "transaction" else reports).append(event)
@@ -79,6 +80,7 @@ def test_health_labels_then_retrain_changes_the_served_version_and_refuses_a_wor
         assert sorted(i["transaction_id"] for i in insights) == sorted(t["transaction_id"] for t in transactions)
         expected = brute_force_labels(insights, reports)
         assert set(expected) == {"20260101-000000"}
+        assert expected["20260101-000000"]["reported_frauds"] >= 3, expected
 
         # Health records: the last one must carry exactly the brute-force label figures.
         records, deadline = [], time.monotonic() + 120
