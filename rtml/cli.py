@@ -583,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "retrain",
         parents=[services, training],
-        help="backfill recent history, train, and publish the new version only if it beats the serving one",
+        help="backfill recent history, train, and publish the new version unless it is worse than the serving one",
         description="Backfill the history into fresh examples (feature state in Bigtable is not touched), train on "
         "the last --days days whose fraud labels have arrived, and publish into --model-dir, where running scorers "
         "pick it up, only if its validation average precision is at least the serving version's on the same "

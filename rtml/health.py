@@ -247,9 +247,6 @@ class CustomerLabels:
             del self.reports[tx]
         return len(old_scored) + len(old_reports)
 
-    def empty(self) -> bool:
-        return not self.scored and not self.reports
-
 
 def health_record(
     version: str,
@@ -284,4 +281,3 @@ def health_record(
 
 def alarm(record: Mapping) -> str:
     return "drift" if record.get("drifted") else "none"
-

@@ -241,5 +241,5 @@ class MonitorModel(beam.PTransform):
         return (
             (observed, label_changes)
             | "FlattenHealthInputs" >> beam.Flatten()
-            | "Health" >> beam.ParDo(self._health).with_input_types(tuple[str, Any])
+            | "Health" >> beam.ParDo(self._health).with_input_types(keyed)
         )

@@ -3,8 +3,8 @@
 `FraudModelHandler` is a Beam `ModelHandler` over `models.loader`: it opens a verified version
 with `tf.saved_model.load`, scores a whole batch with one call of the `explain` signature
 (scores and per-feature contributions together), and turns them into decisions and reasons
-with the version's own thresholds. Beam's `RunInference` runs it, watches the model folder
-routes failed batches to its error output, which `ScoreTransactions` turns into dead letters.
+with the version's own thresholds. Beam's `RunInference` runs it and routes failed batches to
+its error output, which `ScoreTransactions` turns into dead letters.
 
 A new version that fails its hash check or does not load is refused: the handler keeps the
 version it had, logs the refusal and counts it (`scoring/model_refusals`).
