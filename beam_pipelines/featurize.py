@@ -3,7 +3,9 @@
 Reads `transactions-sub` and `fraud-feedback-sub`, validates them (rejects go to the dead-letter
 topic), computes every reference feature with the Bigtable-backed stateful DoFns, and publishes
 one record per transaction to `--output_topic`:
-`{transaction_id, customer_id, terminal_id, event_time, amount, features: {...}}`.
+`{transaction_id, customer_id, terminal_id, event_time, amount, features: {...}}`; a
+transaction's feature state is written to Bigtable once its record is out
+(`transforms.outcomes`), so replaying the input after a crash neither loses nor repeats one.
 The scoring pipeline runs the same steps before inference; this one serves feature logging and
 the feature engine's own tests.
 
@@ -15,13 +17,14 @@ import sys
 from typing import NamedTuple
 
 import apache_beam as beam
-from apache_beam.io.gcp.pubsub import PubsubMessage, WriteToPubSub
+from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import options as opts
 from rtml import config, events
 from transforms.features import ComputeFeatures, FeaturedTransaction, WriteEntityCells
+from transforms.outcomes import PublishOutcomes, outcome
 from transforms.validation import ReadEvents, WriteDeadLetters
 
 
@@ -56,13 +59,22 @@ def read_and_featurize(pipeline: beam.Pipeline, options: PipelineOptions):
     return io, inputs, computed
 
 
+FEATURES = "features"  # the outcome kind of this pipeline
+
+
+def publish_outcomes(options: PipelineOptions, topics: dict[str, str]) -> PublishOutcomes:
+    """Publish each transaction's result, then write its state (see `transforms.outcomes`)."""
+    buffering = options.view_as(opts.OutputTopicOptions).publish_max_buffering_secs
+    return PublishOutcomes(opts.store_config(options), topics, max_buffering_secs=buffering)
+
+
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> FeaturizePipeline:
     output_topic = opts.resolve_output_topic(options, config.FEATURES_TOPIC)
     io, inputs, computed = read_and_featurize(pipeline, options)
     _ = (
         computed.transactions
-        | "ToMessage" >> beam.Map(feature_message)
-        | "PublishFeatures" >> WriteToPubSub(output_topic, with_attributes=True)
+        | "ToMessage" >> beam.Map(lambda item: outcome(FEATURES, feature_message(item), item.cells))
+        | "PublishFeatures" >> publish_outcomes(options, {FEATURES: output_topic})
     )
     _ = inputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(io.dead_letter_topic)
     return FeaturizePipeline(computed.transactions, inputs.dead_letters)

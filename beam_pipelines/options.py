@@ -85,11 +85,21 @@ class OutputTopicOptions(PipelineOptions):
             f"the pipeline: {config.VALIDATED_TOPIC} for validate, {config.FEATURES_TOPIC} for featurize, "
             f"{config.INSIGHTS_TOPIC} for score).",
         )
+        parser.add_argument(
+            "--publish_max_buffering_secs",
+            type=float,
+            default=0.25,
+            help="featurize and score: how long a transaction's result may wait to be published with others, "
+            "in seconds; once a batch is out, its feature state goes to Bigtable in one request "
+            "(default: %(default)s).",
+        )
 
 
 def resolve_output_topic(options: PipelineOptions, default_topic: str) -> str:
-    """`--output_topic`, or the project's `default_topic`; checked for shape."""
+    """`--output_topic`, or the project's `default_topic`; checked for shape (and the buffering time)."""
     output = options.view_as(OutputTopicOptions)
+    if output.publish_max_buffering_secs <= 0:
+        raise ValueError("--publish_max_buffering_secs must be > 0")
     if output.output_topic is None:
         output.output_topic = config.topic_path(project_of(options), default_topic)
     _check_path("output_topic", output.output_topic, "topics")

@@ -4,7 +4,9 @@ Reads `transactions-sub` and `fraud-feedback-sub`, validates every message (reje
 dead-letter topic), computes the reference features with the Bigtable-backed stateful DoFns,
 scores each transaction with the newest valid model version in `--model_dir` through Beam's
 RunInference, and publishes one insight per transaction to `fraud-insights` with attributes
-`transaction_id`, `decision` and `model_version`. A version written into `--model_dir` later is
+`transaction_id`, `decision` and `model_version`; a transaction's feature state is written to
+Bigtable once its insight is out, so replaying the input after a crash (`rtml seek`) neither
+loses nor repeats an insight (`transforms.outcomes`). A version written into `--model_dir` later is
 picked up within `--model_poll_secs` without a restart; a version that fails its hash check
 is refused and the current one keeps serving. Inference failures become dead letters. Every
 `--health_period_secs` a health record per model version goes to `--health_topic`
@@ -23,10 +25,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import options as opts
-from beam_pipelines.featurize import read_and_featurize
+from beam_pipelines.featurize import publish_outcomes, read_and_featurize
 from rtml import config, drift, health
 from transforms.health import MonitorModel, health_message
-from transforms.scoring import FraudModelHandler, ScoreTransactions, insight_message
+from transforms.scoring import DEAD_LETTER, INSIGHT, FraudModelHandler, ScoreTransactions
 from transforms.validation import WriteDeadLetters
 
 
@@ -143,10 +145,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
     scored = computed.transactions | "ScoreTransactions" >> ScoreTransactions(
         handler, model_dir, side_input_poll_secs=args.model_poll_secs if by_side_input else None
     )
-    _ = (
-        scored.insights
-        | "ToMessage" >> beam.Map(insight_message)
-        | "PublishInsights" >> WriteToPubSub(output_topic, with_attributes=True)
+    _ = scored.outcomes | "PublishInsights" >> publish_outcomes(
+        options, {INSIGHT: output_topic, DEAD_LETTER: io.dead_letter_topic}
     )
     health_records = None
     if not args.no_health:
@@ -159,8 +159,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
             | "ToHealthMessage" >> beam.Map(health_message)
             | "PublishHealth" >> WriteToPubSub(health_topic, with_attributes=True)
         )
+    _ = inputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(io.dead_letter_topic)
     dead_letters = (inputs.dead_letters, scored.dead_letters) | "FlattenDeadLetters" >> beam.Flatten()
-    _ = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(io.dead_letter_topic)
     return ScorePipeline(computed.transactions, scored.insights, dead_letters, health_records)
 
 

@@ -90,9 +90,14 @@ def _full_chain(pipeline, payloads, store, model_dir):
     validated = pipeline | "Payloads" >> beam.Create(payloads, reshuffle=False) | "Validate" >> ValidateMessages("transactions")
     no_feedback = pipeline | "NoFeedback" >> beam.Create([])
     computed = (validated.events, no_feedback) | "ComputeFeatures" >> ComputeFeatures(store)
-    _ = computed.mutations | "WriteEntityCells" >> WriteEntityCells(store)
     handler = FraudModelHandler(str(model_dir), poll_secs=None, max_batch_size=256)
     scored = computed.transactions | "Score" >> ScoreTransactions(handler, str(model_dir))
+    # No Pub/Sub in a batch chain: each insight's state cells are written as the stream writes them after publishing.
+    _ = (
+        scored.outcomes
+        | "StateCells" >> beam.FlatMap(lambda outcome: [(key, [cell]) for key, cell in outcome.cells])
+        | "WriteEntityCells" >> WriteEntityCells(store)
+    )
     return scored.insights | "Format" >> beam.Map(insight_message)
 
 

@@ -164,6 +164,29 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seek(args: argparse.Namespace) -> int:
+    import time
+
+    from rtml import events, pubsub_tools
+
+    _use_services(args)
+    if args.to is not None:
+        try:
+            to_us = events.parse_timestamp(args.to, "--to")
+        except events.InvalidMessage as err:
+            raise CommandError(f"{err} (for example 2026-11-22T10:15:00Z)") from None
+    else:
+        to_us = time.time_ns() // 1000 - int(args.minutes_back * 60e6)
+    when = dt.datetime.fromtimestamp(to_us / 1e6, dt.UTC).isoformat(timespec="seconds")
+    for subscription in args.subscriptions:
+        try:
+            pubsub_tools.seek(subscription, to_us, args.project)
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+        print(f"{subscription}: messages received since {when} will be delivered again")
+    return 0
+
+
 def _run_backfill(args: argparse.Namespace, inputs: list[str], examples_out: str, no_state: bool) -> tuple[dict, float]:
     """The backfill pipeline with a progress bar over the input bytes: (totals, seconds)."""
     import tempfile
@@ -542,6 +565,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="stop after this many messages")
     p.add_argument("--idle-timeout", type=_positive_float, help="stop after this many seconds without a message")
     p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser(
+        "seek",
+        parents=[services, cloud],
+        help="replay the input subscriptions from a point in time (recovery after a crash of `rtml serve`)",
+        description="Seek subscriptions back so their messages since a point in time are delivered again. "
+        "After `rtml serve` died, seek to before the crash and start it again: transactions already "
+        "handled are recognised in the feature state and not scored twice; the rest are scored.",
+    )
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--to", help="RFC 3339 time to replay from, e.g. 2026-11-22T10:15:00Z")
+    when.add_argument("--minutes-back", type=_positive_float, help="replay from this many minutes ago")
+    p.add_argument(
+        "--subscriptions",
+        nargs="+",
+        default=[config.subscription_for(topic) for topic in config.INPUT_TOPICS],
+        help="subscription names or paths (default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_seek)
 
     p = sub.add_parser(
         "backfill",

@@ -30,6 +30,10 @@ HEALTH_TOPIC = "model-health"
 
 TOPICS = (TRANSACTIONS_TOPIC, FEEDBACK_TOPIC, INSIGHTS_TOPIC, DEAD_LETTER_TOPIC, VALIDATED_TOPIC, FEATURES_TOPIC, HEALTH_TOPIC)
 
+# The input topics. Their subscriptions keep acknowledged messages (for 7 days), so a pipeline
+# can be replayed from a point in time: `rtml seek`, after a crash of a local run.
+INPUT_TOPICS = (TRANSACTIONS_TOPIC, FEEDBACK_TOPIC)
+
 FEATURES_TABLE = "features"
 # Column families of the feature table and their garbage-collection max age in days: the
 # longest feature window (30 days) plus the feedback delay (7 days), with a day of margin.

@@ -218,14 +218,20 @@ def ensure_resources(services: config.LocalServices) -> None:
                     pass
                 sub_path = config.subscription_path(services.project, config.subscription_for(topic))
                 try:
-                    subscriber.create_subscription(
-                        request={"name": sub_path, "topic": topic_path, "ack_deadline_seconds": 60}
-                    )
+                    subscriber.create_subscription(request=subscription_request(sub_path, topic_path, topic))
                 except exceptions.AlreadyExists:
                     pass
         finally:
             subscriber.close()
         ensure_feature_table(services)
+
+
+def subscription_request(sub_path: str, topic_path: str, topic: str) -> dict:
+    """A `<topic>-sub` subscription; an input topic's keeps acknowledged messages, for `rtml seek`."""
+    request = {"name": sub_path, "topic": topic_path, "ack_deadline_seconds": 60}
+    if topic in config.INPUT_TOPICS:
+        request["retain_acked_messages"] = True
+    return request
 
 
 def ensure_feature_table(services: config.LocalServices, table_id: str = config.FEATURES_TABLE) -> None:

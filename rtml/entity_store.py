@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -124,17 +126,42 @@ def state_cells(state: CustomerState | TerminalState) -> list[Cell]:
 PROCESS_RPCS: collections.Counter = collections.Counter()
 
 
+# Bigtable clients shared by every DoFn of a process: Beam's bundle-based DirectRunner calls a
+# DoFn's `setup` and `teardown` around every bundle (10 messages or fewer), and a client per
+# bundle costs a gRPC channel each time. Keyed by process, project and emulator address.
+_SHARED_CLIENTS: dict[tuple, object] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _new_client(project: str):
+    import warnings
+
+    from google.cloud import bigtable
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator")
+        return bigtable.Client(project=project, admin=False)
+
+
+def _shared_client(project: str):
+    key = (os.getpid(), project, os.environ.get("BIGTABLE_EMULATOR_HOST"))
+    with _SHARED_LOCK:
+        client = _SHARED_CLIENTS.get(key)
+        if client is None:
+            client = _SHARED_CLIENTS[key] = _new_client(project)
+        return client
+
+
 class EntityStore:
-    """Batched access to the feature table. Create once per worker (in a DoFn's `setup`)."""
+    """Batched access to the feature table.
 
-    def __init__(self, project: str, instance: str, table: str = config.FEATURES_TABLE):
-        import warnings
+    `shared=True` (what the pipelines' DoFns use) takes the process's shared client, which
+    `close` leaves open; the request counters are still this object's own.
+    """
 
-        from google.cloud import bigtable
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator")
-            self._client = bigtable.Client(project=project, admin=False)
+    def __init__(self, project: str, instance: str, table: str = config.FEATURES_TABLE, *, shared: bool = False):
+        self._shared = shared
+        self._client = _shared_client(project) if shared else _new_client(project)
         self._table = self._client.instance(instance).table(table)
         self.read_rpcs = 0
         self.write_rpcs = 0
@@ -186,7 +213,8 @@ class EntityStore:
         return len(rows)
 
     def close(self) -> None:
-        self._client.close()
+        if not self._shared:
+            self._client.close()
 
 
 class _RowsFailed(RuntimeError):

@@ -306,6 +306,30 @@ def pull(
     return handled
 
 
+def seek(subscription: str, to_us: int, project: str = config.DEFAULT_PROJECT) -> None:
+    """Redeliver every message a subscription received from `to_us` (µs since the epoch) on.
+
+    The subscription must keep acknowledged messages (`rtml up` and `templates/setup_gcp.sh`
+    create the input subscriptions that way); messages older than its retention are gone.
+    """
+    from google.cloud import pubsub_v1
+    from google.protobuf import timestamp_pb2
+
+    path = subscription if subscription.startswith("projects/") else config.subscription_path(project, subscription)
+    moment = timestamp_pb2.Timestamp(seconds=to_us // 1_000_000, nanos=(to_us % 1_000_000) * 1000)
+    subscriber = pubsub_v1.SubscriberClient()
+    try:
+        found = subscriber.get_subscription(request={"subscription": path})
+        if not found.retain_acked_messages:
+            raise ValueError(
+                f"{path} does not keep acknowledged messages, so seeking cannot replay them; "
+                "update it with `gcloud pubsub subscriptions update SUB --retain-acked-messages`"
+            )
+        subscriber.seek(request={"subscription": path, "time": moment})
+    finally:
+        subscriber.close()
+
+
 def drain(subscription: str, project: str = config.DEFAULT_PROJECT, idle_timeout: float = 1.0) -> int:
     """Acknowledge whatever a subscription holds (left over from earlier runs)."""
     return pull(subscription, project, idle_timeout=idle_timeout)

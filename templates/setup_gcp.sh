@@ -155,8 +155,13 @@ log "Pub/Sub topics and subscriptions"
 for topic in "${TOPICS[@]}"; do
     ensure gcloud pubsub topics describe "$topic" "--project=$PROJECT" -- \
         gcloud pubsub topics create "$topic" "--project=$PROJECT"
+    retain=()
+    if [[ " ${INPUT_TOPICS[*]} " == *" $topic "* ]]; then
+        retain=(--retain-acked-messages)  # replayable from a point in time: `rtml seek`
+    fi
     ensure gcloud pubsub subscriptions describe "$topic-sub" "--project=$PROJECT" -- \
-        gcloud pubsub subscriptions create "$topic-sub" "--topic=$topic" "--ack-deadline=$ACK_DEADLINE_S" "--project=$PROJECT"
+        gcloud pubsub subscriptions create "$topic-sub" "--topic=$topic" "--ack-deadline=$ACK_DEADLINE_S" \
+        "${retain[@]}" "--project=$PROJECT"
 done
 
 log "Cloud Storage bucket gs://$BUCKET"

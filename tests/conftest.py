@@ -51,16 +51,11 @@ def make_topics(services) -> dict[str, str]:
     names = {topic: f"{topic}-{suffix}" for topic in config.TOPICS}
     publisher = pubsub_v1.PublisherClient()
     subscriber = pubsub_v1.SubscriberClient()
-    for name in names.values():
-        topic = config.topic_path(services.project, name)
-        publisher.create_topic(request={"name": topic})
-        subscriber.create_subscription(
-            request={
-                "name": config.subscription_path(services.project, config.subscription_for(name)),
-                "topic": topic,
-                "ack_deadline_seconds": 60,
-            }
-        )
+    for base, name in names.items():
+        topic_path = config.topic_path(services.project, name)
+        publisher.create_topic(request={"name": topic_path})
+        sub_path = config.subscription_path(services.project, config.subscription_for(name))
+        subscriber.create_subscription(request=emulators.subscription_request(sub_path, topic_path, base))
     subscriber.close()
     return names
 

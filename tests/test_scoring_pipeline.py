@@ -1,5 +1,7 @@
 """The scoring transform on Beam's streaming DirectRunner with TestStream and a small exported model."""
 
+import json
+
 import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -11,7 +13,14 @@ from models import decisions, loader
 from models.features import RAW_FEATURES
 from rtml import events, examples
 from transforms.features import FeaturedTransaction
-from transforms.scoring import FEATURES_ERROR_KIND, INFERENCE_ERROR_KIND, FraudModelHandler, ScoreTransactions
+from transforms.scoring import (
+    DEAD_LETTER,
+    FEATURES_ERROR_KIND,
+    INFERENCE_ERROR_KIND,
+    INSIGHT,
+    FraudModelHandler,
+    ScoreTransactions,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +33,8 @@ def _featured(columns: dict, rows) -> list[FeaturedTransaction]:
             columns["transaction_id"][i], f"{day}T12:00:00Z", events.parse_timestamp(f"{day}T12:00:00Z", "event_time"),
             columns["customer_id"][i], "T-test", float(columns["amount"][i]),
         )
-        out.append(FeaturedTransaction(tx, {name: float(columns[name][i]) for name in RAW_FEATURES}))
+        cells = ((f"row-of-{tx.transaction_id}".encode(), "cell"),)  # stand-ins: carried through, not read
+        out.append(FeaturedTransaction(tx, {name: float(columns[name][i]) for name in RAW_FEATURES}, cells))
     return out
 
 
@@ -36,7 +46,7 @@ def test_teststream_transactions_get_the_models_scores_decisions_and_reasons(tra
     all_decisions = np.array(decisions.decide(scores, model.thresholds["review"], model.thresholds["decline"]))
     rows = [int(i) for d in decisions.DECISIONS for i in np.flatnonzero(all_decisions == d)[:6]]
     featured = _featured(columns, rows)
-    broken = FeaturedTransaction(featured[0].transaction._replace(transaction_id="broken"), {"amount": 1.0})
+    broken = FeaturedTransaction(featured[0].transaction._replace(transaction_id="broken"), {"amount": 1.0}, ((b"row-of-broken", "cell"),))
     values = np.array([[f.features[name] for name in RAW_FEATURES] for f in featured], dtype=np.float32)
     expected_scores, contributions = model.explain({name: values[:, j] for j, name in enumerate(RAW_FEATURES)})
     expected_decisions = decisions.decide(expected_scores, model.thresholds["review"], model.thresholds["decline"])
@@ -81,11 +91,23 @@ def test_teststream_transactions_get_the_models_scores_decisions_and_reasons(tra
         assert record["attributes"] == {"transaction_id": "broken"}
         assert record["error"].startswith("features: missing tx_during_weekend, tx_during_night")
 
+    def check_outcomes(outcomes):
+        # one per transaction, insight or dead letter, with the message as published and its own state cells
+        assert sorted(o.attributes["transaction_id"] for o in outcomes if o.kind == INSIGHT) == sorted(expected)
+        dead = [o for o in outcomes if o.kind == DEAD_LETTER]
+        assert len(outcomes) == len(expected) + 1 and len(dead) == 1
+        assert dead[0].attributes["error_kind"] == FEATURES_ERROR_KIND and dead[0].cells == ((b"row-of-broken", "cell"),)
+        for o in outcomes:
+            if o.kind == INSIGHT:
+                tx_id = json.loads(o.data)["transaction_id"]
+                assert o.attributes["transaction_id"] == tx_id and o.cells == ((f"row-of-{tx_id}".encode(), "cell"),)
+
     with TestPipeline(options=options) as pipeline:
         handler = FraudModelHandler(str(trained.model_dir), poll_secs=None, max_batch_size=8)
         scored = pipeline | stream | ScoreTransactions(handler, str(trained.model_dir))
         assert_that(scored.insights, check_insights, label="CheckInsights")
         assert_that(scored.dead_letters, check_dead_letters, label="CheckDeadLetters")
+        assert_that(scored.outcomes, check_outcomes, label="CheckOutcomes")
 
 
 class ExplodingHandler(FraudModelHandler):

@@ -97,7 +97,6 @@ DRY_RUNS = (
             "ComputeFeatures",
             "WriteEntityCells",
             "ScoreTransactions",
-            "ToMessage",
             "PublishInsights",
             "FlattenDeadLetters",
             "WriteDeadLetters",
@@ -728,9 +727,10 @@ def test_setup_dry_run_creates_every_topic_and_subscription_unless_they_exist(se
             f"gcloud pubsub topics describe {topic} " in line and f"|| gcloud pubsub topics create {topic} " in line
             for line in setup_dry_run
         ), topic
-        assert any(
-            f"|| gcloud pubsub subscriptions create {subscription} --topic={topic} " in line for line in setup_dry_run
-        ), subscription
+        created = [line for line in setup_dry_run if f"|| gcloud pubsub subscriptions create {subscription} --topic={topic} " in line]
+        assert len(created) == 1, subscription
+        # the input subscriptions keep acknowledged messages, so `rtml seek` can replay them
+        assert ("--retain-acked-messages" in created[0]) == (topic in config.INPUT_TOPICS), created[0]
 
 
 def test_setup_dry_run_creates_the_feature_table_with_both_families_and_their_gc_rule(setup_dry_run):

@@ -3,11 +3,21 @@
 Transactions pass the customer DoFn (keyed by customer) and then the terminal DoFn (keyed by
 terminal, which also receives fraud feedback), and leave with every reference feature. Beam
 state is the hot cache of each entity; Bigtable is the durable store: the first time a worker
-sees a key it loads the entity's row, and every change is sent to `WriteEntityCells`, which
-batches mutations with `GroupIntoBatches` so there are far fewer write RPCs than events.
+sees a key it loads the entity's row, and every change is written back, in batches so there
+are far fewer write RPCs than events:
+
+- fraud feedback's cells go to `WriteEntityCells` (`GroupIntoBatches` by count or time);
+- a transaction's own cells (one in its customer's row, one in its terminal's) travel with it
+  as `FeaturedTransaction.cells` and are written by `transforms.outcomes.PublishOutcomes` in the
+  same request as the rest of its batch, after its result was published. So a transaction is in
+  the durable state only once its result is out: after a crash and a replay of the input, a
+  transaction found in the state was handled (a duplicate), one not found is computed again,
+  from the same state it met the first time.
 """
 
 import logging
+import threading
+import uuid
 import zlib
 from typing import Any, NamedTuple
 
@@ -18,7 +28,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from rtml import entity_store as store
 from rtml import events
-from rtml.features import Entry, Report
+from rtml.features import CUSTOMER_FEATURES, TERMINAL_FEATURES, Entry, Report
 
 MUTATIONS_TAG = "mutations"
 _LOG = logging.getLogger(__name__)
@@ -33,10 +43,12 @@ class StoreConfig(NamedTuple):
 
 
 class FeaturedTransaction(NamedTuple):
-    """A transaction with all reference features."""
+    """A transaction with all reference features, and the state cells it adds: `(row_key, Cell)`
+    for its customer and its terminal, to be written once its result is out (see module doc)."""
 
     transaction: events.Transaction
     features: dict
+    cells: tuple = ()
 
 
 def _counter(name: str):
@@ -51,7 +63,7 @@ class _EntityFn(beam.DoFn):
         self._kind = kind
 
     def setup(self):
-        self._store = store.EntityStore(*self._config)
+        self._store = store.EntityStore(*self._config, shared=True)
         self._read_rpcs = _counter("bigtable_read_rpcs")
         self._loaded = _counter(f"{self._kind}_rows_loaded")
 
@@ -70,6 +82,11 @@ class _EntityFn(beam.DoFn):
         return cells
 
 
+# Keys each `LoadEntitiesFn` step has loaded in this process (by the step's token), oldest first.
+_KNOWN_KEYS: dict[str, dict[bytes, None]] = {}
+_KNOWN_LOCK = threading.Lock()
+
+
 class LoadEntitiesFn(beam.DoFn):
     """Attach the stored rows of entities this worker has not loaded yet: one read per bundle.
 
@@ -82,10 +99,13 @@ class LoadEntitiesFn(beam.DoFn):
     def __init__(self, config: StoreConfig, remembered_keys: int = 1_000_000):
         self._config = config
         self._remembered_keys = remembered_keys
+        self._token = uuid.uuid4().hex  # names this step's remembered keys in the process
 
     def setup(self):
-        self._store = store.EntityStore(*self._config)
-        self._known: dict[bytes, None] = {}
+        self._store = store.EntityStore(*self._config, shared=True)
+        # Kept across bundles: the local runner calls setup and teardown around every bundle.
+        with _KNOWN_LOCK:
+            self._known: dict[bytes, None] = _KNOWN_KEYS.setdefault(self._token, {})
         self._read_rpcs = _counter("bigtable_read_rpcs")
         self._batched = _counter("rows_loaded_in_batches")
 
@@ -111,10 +131,11 @@ class LoadEntitiesFn(beam.DoFn):
             self._read_rpcs.inc()
             rows = self._store.load(wanted)
             self._batched.inc(len(wanted))
-            for key in wanted:
-                self._known[key] = None
-            while len(self._known) > self._remembered_keys:
-                self._known.pop(next(iter(self._known)))
+            with _KNOWN_LOCK:
+                for key in wanted:
+                    self._known[key] = None
+                while len(self._known) > self._remembered_keys:
+                    self._known.pop(next(iter(self._known)))
         for event, keys, timestamp, window in self._pending:
             attached = tuple((rows.get(key) or store.EntityCells()) if key in wanted else None for key in keys)
             yield WindowedValue((event, *attached), timestamp, [window])
@@ -144,10 +165,7 @@ class CustomerFeaturesFn(_EntityFn):
     def process(self, element, entity=beam.DoFn.StateParam(ENTITY)):
         customer_id, (tx, customer_row, terminal_row) = element
         cached = entity.read()
-        if cached is None:
-            state = store.customer_state(self._load(customer_id, customer_row))
-        else:
-            state = cached
+        state = store.customer_state(self._load(customer_id, customer_row)) if cached is None else cached
         if state.watermark_us is not None and tx.event_time_us < state.watermark_us:
             self._late.inc()
             _LOG.debug(  # ids are customer data: never at INFO
@@ -156,22 +174,25 @@ class CustomerFeaturesFn(_EntityFn):
                 customer_id,
                 (state.watermark_us - tx.event_time_us) / 1e6,
             )
-        features = state.update(tx)
-        if features is None:
+        values = state.add(tx.transaction_id, tx.event_time_us, tx.amount)
+        if values is None:
             self._duplicates.inc()
             if cached is None:
                 entity.write(state)
             return
         entity.write(state)
-        entry = Entry(tx.event_time_us, tx.transaction_id, tx.amount)
-        yield beam.pvalue.TaggedOutput(
-            MUTATIONS_TAG, (store.row_key(store.CUSTOMER, customer_id), [store.entry_cell(entry)])
-        )
-        yield tx.terminal_id, ("tx", (tx, features, terminal_row))
+        cell = (store.row_key(store.CUSTOMER, customer_id), _entry_cell(tx))
+        yield tx.terminal_id, ("tx", (tx, dict(zip(CUSTOMER_FEATURES, values, strict=True)), terminal_row, cell))
 
 
 class TerminalFeaturesFn(_EntityFn):
-    """Terminal windows and fraud risk; applies fraud feedback to the terminal's transactions."""
+    """Terminal windows and fraud risk; applies fraud feedback to the terminal's transactions.
+
+    Every transaction that arrives here leaves with features: the customer step has dropped the
+    duplicates. If the terminal holds the id already (the same id at another customer, or a state
+    write of the customer's lost in a crash), it is not added again and its terminal features are
+    the windows as they stand at its event time.
+    """
 
     ENTITY = ReadModifyWriteStateSpec("terminal", PickleCoder())
 
@@ -181,17 +202,16 @@ class TerminalFeaturesFn(_EntityFn):
     def setup(self):
         super().setup()
         self._feedback = _counter("feedback_applied")
-        self._duplicates = _counter("duplicate_transactions_at_terminal")
+        self._held = _counter("transactions_already_at_terminal")
 
     def process(self, element, entity=beam.DoFn.StateParam(ENTITY)):
         terminal_id, (kind, payload) = element
         if kind == "fb":
             payload, _, row = payload
         else:
-            tx, customer_features, row = payload
-        state = entity.read()
-        if state is None:
-            state = store.terminal_state(self._load(terminal_id, row))
+            tx, customer_features, row, customer_cell = payload
+        cached = entity.read()
+        state = store.terminal_state(self._load(terminal_id, row)) if cached is None else cached
         key = store.row_key(store.TERMINAL, terminal_id)
         if kind == "fb":
             changed = state.apply_feedback(payload)
@@ -201,14 +221,22 @@ class TerminalFeaturesFn(_EntityFn):
             report = Report(payload.reported_at_us, payload.is_fraud, payload.event_time_us)
             yield beam.pvalue.TaggedOutput(MUTATIONS_TAG, (key, [store.report_cell(payload.transaction_id, report)]))
             return
-        terminal_features = state.update(tx)
-        entity.write(state)
-        if terminal_features is None:
-            self._duplicates.inc()
-            return
-        entry = Entry(tx.event_time_us, tx.transaction_id, tx.amount)
-        yield beam.pvalue.TaggedOutput(MUTATIONS_TAG, (key, [store.entry_cell(entry)]))
-        yield FeaturedTransaction(tx, _all_features(tx, customer_features, terminal_features))
+        values = state.add(tx.transaction_id, tx.event_time_us, tx.amount)
+        if values is None:
+            self._held.inc()
+            if cached is None:
+                entity.write(state)
+            terminal_features = state.features_at(tx.event_time_us)
+            cells = (customer_cell,)
+        else:
+            entity.write(state)
+            terminal_features = dict(zip(TERMINAL_FEATURES, values, strict=True))
+            cells = (customer_cell, (key, _entry_cell(tx)))
+        yield FeaturedTransaction(tx, _all_features(tx, customer_features, terminal_features), cells)
+
+
+def _entry_cell(tx) -> store.Cell:
+    return store.entry_cell(Entry(tx.event_time_us, tx.transaction_id, tx.amount))
 
 
 def _all_features(tx, customer_features: dict, terminal_features: dict) -> dict:
@@ -219,12 +247,12 @@ def _all_features(tx, customer_features: dict, terminal_features: dict) -> dict:
 
 
 class ComputedFeatures(NamedTuple):
-    transactions: beam.PCollection  # FeaturedTransaction
-    mutations: beam.PCollection  # (row_key, [Cell])
+    transactions: beam.PCollection  # FeaturedTransaction, carrying its own state cells
+    mutations: beam.PCollection  # (row_key, [Cell]) of fraud feedback, for `WriteEntityCells`
 
 
 class ComputeFeatures(beam.PTransform):
-    """Transactions and feedback -> featured transactions, plus the Bigtable mutations they cause."""
+    """Transactions and feedback -> featured transactions (with their state cells), plus feedback's mutations."""
 
     def __init__(self, config: StoreConfig):
         super().__init__()
@@ -237,10 +265,7 @@ class ComputeFeatures(beam.PTransform):
             | "LoadTransactionEntities" >> beam.ParDo(LoadEntitiesFn(self._config))
             | "KeyByCustomer"
             >> beam.Map(lambda loaded: (loaded[0].customer_id, loaded)).with_output_types(tuple[str, Any])
-            | "CustomerFeatures"
-            >> beam.ParDo(CustomerFeaturesFn(self._config))
-            .with_output_types(tuple[str, Any])
-            .with_outputs(MUTATIONS_TAG, main="featured")
+            | "CustomerFeatures" >> beam.ParDo(CustomerFeaturesFn(self._config)).with_output_types(tuple[str, Any])
         )
         reports = (
             feedback
@@ -249,7 +274,7 @@ class ComputeFeatures(beam.PTransform):
             >> beam.Map(lambda loaded: (loaded[0].terminal_id, ("fb", loaded))).with_output_types(tuple[str, Any])
         )
         terminals = (
-            (customers.featured, reports)
+            (customers, reports)
             | "MergeTerminalInputs" >> beam.Flatten()
             | "TerminalFeatures"
             >> beam.ParDo(TerminalFeaturesFn(self._config))
@@ -257,8 +282,7 @@ class ComputeFeatures(beam.PTransform):
             .with_output_types(FeaturedTransaction)
             .with_outputs(MUTATIONS_TAG, main="featured")
         )
-        mutations = (customers[MUTATIONS_TAG], terminals[MUTATIONS_TAG]) | "MergeMutations" >> beam.Flatten()
-        return ComputedFeatures(terminals.featured, mutations)
+        return ComputedFeatures(terminals.featured, terminals[MUTATIONS_TAG])
 
 
 class WriteBatchFn(beam.DoFn):
@@ -268,7 +292,7 @@ class WriteBatchFn(beam.DoFn):
         self._config = config
 
     def setup(self):
-        self._store = store.EntityStore(*self._config)
+        self._store = store.EntityStore(*self._config, shared=True)
         self._rpcs = _counter("bigtable_write_rpcs")
         self._cells = _counter("bigtable_cells_written")
 

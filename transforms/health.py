@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -41,12 +42,22 @@ DAY_US = 86_400 * 1_000_000
 LABEL_RETENTION_US = 60 * DAY_US
 
 
+_REFERENCES: dict[str, References] = {}
+_REFERENCES_LOCK = threading.Lock()
+
+
 class References:
     """Training distributions per model version, read from `model_dir/VERSION/metadata.json` once."""
 
     def __init__(self, model_dir: str):
         self._model_dir = model_dir.rstrip("/")
         self._known: dict[str, health.Reference | None] = {}
+
+    @classmethod
+    def shared(cls, model_dir: str) -> References:
+        """One per model folder and process: the local runner sets DoFns up again for every bundle."""
+        with _REFERENCES_LOCK:
+            return _REFERENCES.setdefault(model_dir, cls(model_dir))
 
     def get(self, version: str) -> health.Reference | None:
         if version not in self._known:
@@ -65,7 +76,7 @@ class ObserveFn(beam.DoFn):
         self._model_dir = model_dir
 
     def setup(self):
-        self._references = References(self._model_dir)
+        self._references = References.shared(self._model_dir)
 
     def start_bundle(self):
         self._stats: dict[str, health.WindowStats] = {}
@@ -144,7 +155,7 @@ class HealthFn(beam.DoFn):
         self._min_events = min_events
 
     def setup(self):
-        self._references = References(self._model_dir)
+        self._references = References.shared(self._model_dir)
         self._records = Metrics.counter(NAMESPACE, "records")
         self._alarms = Metrics.counter(NAMESPACE, "drift_alarms")
 

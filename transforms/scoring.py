@@ -36,6 +36,8 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 from models import decisions, loader
 from models.features import RAW_FEATURES
 from rtml import events, health
+from transforms import outcomes
+from transforms.validation import dead_letter_message
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "scoring"
@@ -74,11 +76,13 @@ def record_batch(size: int) -> None:
 
 
 class ScoringExample(NamedTuple):
-    """What RunInference carries per transaction: the transaction, its features, and when it was published."""
+    """What RunInference carries per transaction: the transaction, its features, when it was
+    published, and its state cells (written once its insight is out: `transforms.outcomes`)."""
 
     transaction: events.Transaction
     features: dict
     published_at_us: int
+    cells: tuple = ()
 
 
 class ModelSlot:
@@ -223,7 +227,7 @@ def feature_problem(features: dict) -> str | None:
 def to_scoring_example(featured, timestamp=beam.DoFn.TimestampParam) -> tuple[str, ScoringExample]:
     """Key a featured transaction by transaction_id; its element timestamp is the publish time."""
     tx = featured.transaction
-    return tx.transaction_id, ScoringExample(tx, featured.features, timestamp.micros)
+    return tx.transaction_id, ScoringExample(tx, featured.features, timestamp.micros, featured.cells)
 
 
 def insight_record(example: ScoringExample, inference: dict, processed_at_us: int) -> dict:
@@ -242,7 +246,8 @@ def insight_record(example: ScoringExample, inference: dict, processed_at_us: in
 class AssembleInsightFn(beam.DoFn):
     """(transaction_id, PredictionResult) -> insight dict; counts decisions and publish-to-emit latency.
 
-    Also an `OBSERVATIONS` output: each insight as a `rtml.health.Observation`, with its latency.
+    Also an `OBSERVATIONS` output: each insight as a `rtml.health.Observation`, with its latency;
+    and an `OUTCOMES` output: each insight or dead letter as the `Outcome` to publish.
     """
 
     def setup(self):
@@ -256,9 +261,9 @@ class AssembleInsightFn(beam.DoFn):
         now_us = time.time_ns() // 1000
         if "error" in result.inference:
             self._invalid.inc()
-            yield beam.pvalue.TaggedOutput(
-                DEAD_LETTERS, (FEATURES_ERROR_KIND, transaction_dead_letter(result.example, result.inference["error"], now_us))
-            )
+            dead = (FEATURES_ERROR_KIND, transaction_dead_letter(result.example, result.inference["error"], now_us))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead)
+            yield beam.pvalue.TaggedOutput(OUTCOMES, dead_letter_outcome(dead, result.example))
             return
         record = insight_record(result.example, result.inference, now_us)
         latency_ms = max(0, (now_us - result.example.published_at_us) // 1000)
@@ -266,6 +271,7 @@ class AssembleInsightFn(beam.DoFn):
         self._by_decision[record["decision"]].inc()
         self._latency.update(latency_ms)
         yield record
+        yield beam.pvalue.TaggedOutput(OUTCOMES, outcomes.outcome(INSIGHT, insight_message(record), result.example.cells))
         # For model health: after RunInference's batching, element timestamps are no longer the
         # publish times, so the latency travels with the observation.
         yield beam.pvalue.TaggedOutput(OBSERVATIONS, health.Observation.from_insight(record, latency_ms))
@@ -279,6 +285,13 @@ def insight_message(record: dict) -> PubsubMessage:
 
 DEAD_LETTERS = "dead_letters"
 OBSERVATIONS = "observations"
+OUTCOMES = "outcomes"
+INSIGHT = "insight"  # outcome kinds, each published to its own topic
+DEAD_LETTER = "dead_letter"
+
+
+def dead_letter_outcome(dead: tuple[str, dict], example: ScoringExample) -> outcomes.Outcome:
+    return outcomes.outcome(DEAD_LETTER, dead_letter_message(dead), example.cells)
 
 
 def transaction_dead_letter(example: ScoringExample, error: str, received_us: int) -> dict:
@@ -288,8 +301,9 @@ def transaction_dead_letter(example: ScoringExample, error: str, received_us: in
     return events.dead_letter("transactions", error, payload, {"transaction_id": tx.transaction_id}, received_us)
 
 
-def failed_batch_dead_letters(failure) -> Iterable[tuple[str, dict]]:
-    """RunInference's error output (a failed batch and its exception) -> one dead letter per transaction."""
+def failed_batch_dead_letters(failure) -> Iterable:
+    """RunInference's error output (a failed batch and its exception) -> one dead letter per
+    transaction, and (`OUTCOMES` output) the same as an `Outcome` to publish."""
     batch, error = failure
     # Beam's error output carries (exception type, repr of the exception, traceback).
     text = error[1] if isinstance(error, tuple) and len(error) >= 2 else repr(error)
@@ -298,13 +312,16 @@ def failed_batch_dead_letters(failure) -> Iterable[tuple[str, dict]]:
     for keyed in batch:
         example = keyed[1] if isinstance(keyed, tuple) else keyed
         message = f"inference: the model failed on this transaction's batch: {text}"
-        yield INFERENCE_ERROR_KIND, transaction_dead_letter(example, message, received_us)
+        dead = (INFERENCE_ERROR_KIND, transaction_dead_letter(example, message, received_us))
+        yield dead
+        yield beam.pvalue.TaggedOutput(OUTCOMES, dead_letter_outcome(dead, example))
 
 
 class Scored(NamedTuple):
     insights: beam.PCollection  # insight dicts
     dead_letters: beam.PCollection  # (error_kind, dead-letter record)
     observations: beam.PCollection  # rtml.health.Observation per insight
+    outcomes: beam.PCollection  # transforms.outcomes.Outcome per transaction: its insight or dead letter
 
 
 class ScoreTransactions(beam.PTransform):
@@ -330,8 +347,11 @@ class ScoreTransactions(beam.PTransform):
         ).with_exception_handling()
         predictions, errors = keyed | "RunInference" >> run_inference
         assembled = predictions | "AssembleInsights" >> beam.ParDo(AssembleInsightFn()).with_outputs(
-            DEAD_LETTERS, OBSERVATIONS, main="insights"
+            DEAD_LETTERS, OBSERVATIONS, OUTCOMES, main="insights"
         )
-        failed = errors.failed_inferences | "FailedInferences" >> beam.FlatMap(failed_batch_dead_letters)
-        dead_letters = (assembled[DEAD_LETTERS], failed) | "FlattenScoringDeadLetters" >> beam.Flatten()
-        return Scored(assembled.insights, dead_letters, assembled[OBSERVATIONS])
+        failed = errors.failed_inferences | "FailedInferences" >> beam.FlatMap(failed_batch_dead_letters).with_outputs(
+            OUTCOMES, main="dead_letters"
+        )
+        dead_letters = (assembled[DEAD_LETTERS], failed.dead_letters) | "FlattenScoringDeadLetters" >> beam.Flatten()
+        results = (assembled[OUTCOMES], failed[OUTCOMES]) | "FlattenOutcomes" >> beam.Flatten()
+        return Scored(assembled.insights, dead_letters, assembled[OBSERVATIONS], results)
