@@ -96,7 +96,7 @@ def _full_chain(pipeline, payloads, store, model_dir):
     _ = (
         scored.outcomes
         | "StateCells" >> beam.FlatMap(lambda outcome: [(key, [cell]) for key, cell in outcome.cells])
-        | "WriteEntityCells" >> WriteEntityCells(store)
+        | "WriteEntityCells" >> WriteEntityCells(store, max_buffering_secs=None)  # batch: by count only
     )
     return scored.insights | "Format" >> beam.Map(insight_message)
 
