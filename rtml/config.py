@@ -53,6 +53,11 @@ def subscription_path(project: str, subscription: str) -> str:
     return f"projects/{project}/subscriptions/{subscription}"
 
 
+def resolve_subscription(project: str, subscription: str) -> str:
+    """A subscription given by name (in `project`) or already as a full path."""
+    return subscription if subscription.startswith("projects/") else subscription_path(project, subscription)
+
+
 def state_dir() -> str:
     """Where `rtml up` records the processes it started (`RTML_HOME`, else ~/.rtml)."""
     return os.environ.get("RTML_HOME") or os.path.join(os.path.expanduser("~"), ".rtml")

@@ -275,7 +275,7 @@ def pull(
     from google.api_core import exceptions
     from google.cloud import pubsub_v1
 
-    path = subscription if subscription.startswith("projects/") else config.subscription_path(project, subscription)
+    path = config.resolve_subscription(project, subscription)
     subscriber = pubsub_v1.SubscriberClient()
     handled = 0
     last = time.monotonic()
@@ -315,7 +315,7 @@ def seek(subscription: str, to_us: int, project: str = config.DEFAULT_PROJECT) -
     from google.cloud import pubsub_v1
     from google.protobuf import timestamp_pb2
 
-    path = subscription if subscription.startswith("projects/") else config.subscription_path(project, subscription)
+    path = config.resolve_subscription(project, subscription)
     moment = timestamp_pb2.Timestamp(seconds=to_us // 1_000_000, nanos=(to_us % 1_000_000) * 1000)
     subscriber = pubsub_v1.SubscriberClient()
     try:

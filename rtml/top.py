@@ -407,9 +407,7 @@ class _Puller:
     def __init__(self, subscription: str, project: str, view: HealthView):
         from google.cloud import pubsub_v1
 
-        self.path = (
-            subscription if subscription.startswith("projects/") else config.subscription_path(project, subscription)
-        )
+        self.path = config.resolve_subscription(project, subscription)
         self.view = view
         self.client = pubsub_v1.SubscriberClient()
 
