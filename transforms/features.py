@@ -11,8 +11,7 @@ are far fewer write RPCs than events:
   as `FeaturedTransaction.cells` and are written by `transforms.outcomes.PublishOutcomes` in the
   same request as the rest of its batch, after its result was published. So a transaction is in
   the durable state only once its result is out: after a crash and a replay of the input, a
-  transaction found in the state was handled (a duplicate), one not found is computed again,
-  from the same state it met the first time.
+  transaction found in the state was handled (a duplicate), and one not found is computed again.
 """
 
 import logging
@@ -28,7 +27,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from rtml import entity_store as store
 from rtml import events
-from rtml.features import CUSTOMER_FEATURES, TERMINAL_FEATURES, Entry, Report
+from rtml.features import Entry, Report
 
 MUTATIONS_TAG = "mutations"
 _LOG = logging.getLogger(__name__)
@@ -174,15 +173,15 @@ class CustomerFeaturesFn(_EntityFn):
                 customer_id,
                 (state.watermark_us - tx.event_time_us) / 1e6,
             )
-        values = state.add(tx.transaction_id, tx.event_time_us, tx.amount)
-        if values is None:
+        features = state.update(tx)
+        if features is None:
             self._duplicates.inc()
             if cached is None:
                 entity.write(state)
             return
         entity.write(state)
         cell = (store.row_key(store.CUSTOMER, customer_id), _entry_cell(tx))
-        yield tx.terminal_id, ("tx", (tx, dict(zip(CUSTOMER_FEATURES, values, strict=True)), terminal_row, cell))
+        yield tx.terminal_id, ("tx", (tx, features, terminal_row, cell))
 
 
 class TerminalFeaturesFn(_EntityFn):
@@ -221,8 +220,8 @@ class TerminalFeaturesFn(_EntityFn):
             report = Report(payload.reported_at_us, payload.is_fraud, payload.event_time_us)
             yield beam.pvalue.TaggedOutput(MUTATIONS_TAG, (key, [store.report_cell(payload.transaction_id, report)]))
             return
-        values = state.add(tx.transaction_id, tx.event_time_us, tx.amount)
-        if values is None:
+        terminal_features = state.update(tx)
+        if terminal_features is None:
             self._held.inc()
             if cached is None:
                 entity.write(state)
@@ -230,7 +229,6 @@ class TerminalFeaturesFn(_EntityFn):
             cells = (customer_cell,)
         else:
             entity.write(state)
-            terminal_features = dict(zip(TERMINAL_FEATURES, values, strict=True))
             cells = (customer_cell, (key, _entry_cell(tx)))
         yield FeaturedTransaction(tx, _all_features(tx, customer_features, terminal_features), cells)
 
