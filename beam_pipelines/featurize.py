@@ -23,9 +23,9 @@ from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import options as opts
 from rtml import config, events
-from transforms.features import ComputeFeatures, FeaturedTransaction, WriteEntityCells
-from transforms.outcomes import PublishOutcomes, outcome
-from transforms.validation import ReadEvents, WriteDeadLetters
+from transforms.features import ComputedFeatures, ComputeFeatures, FeaturedTransaction
+from transforms.outcomes import DEAD_LETTER, PublishOutcomes, outcome
+from transforms.validation import InputEvents, ReadEvents, dead_letter_message
 
 
 class FeaturizePipeline(NamedTuple):
@@ -44,10 +44,10 @@ def feature_message(item) -> PubsubMessage:
 
 
 def read_and_featurize(pipeline: beam.Pipeline, options: PipelineOptions):
-    """The front half shared with scoring: Pub/Sub -> validation -> features, state written back.
+    """The front half shared with scoring: Pub/Sub -> validation -> features.
 
     Returns `(io options, InputEvents, ComputedFeatures)`; step labels are the same in both
-    pipelines (ReadEvents, ComputeFeatures, WriteEntityCells).
+    pipelines (ReadEvents, ComputeFeatures).
     """
     io = opts.resolve_streaming_io(options)
     store = opts.store_config(options)
@@ -55,8 +55,16 @@ def read_and_featurize(pipeline: beam.Pipeline, options: PipelineOptions):
         io.transactions_subscription, io.feedback_subscription, io.id_label, io.timestamp_attribute
     )
     computed = (inputs.transactions, inputs.feedback) | "ComputeFeatures" >> ComputeFeatures(store)
-    _ = computed.mutations | "WriteEntityCells" >> WriteEntityCells(store)
     return io, inputs, computed
+
+
+def input_outcomes(inputs: InputEvents, computed: ComputedFeatures) -> list[beam.PCollection]:
+    """What the front half owes besides the transactions' results, as keyed outcomes for
+    `publish_outcomes`: validation's dead letters, and fraud reports' state cells."""
+    dead_letters = inputs.dead_letters | "DeadLetterOutcomes" >> beam.Map(
+        lambda dead: outcome(DEAD_LETTER, dead_letter_message(dead), ())
+    )
+    return [dead_letters, computed.feedback_state]
 
 
 FEATURES = "features"  # the outcome kind of this pipeline
@@ -71,12 +79,10 @@ def publish_outcomes(options: PipelineOptions, topics: dict[str, str]) -> Publis
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> FeaturizePipeline:
     output_topic = opts.resolve_output_topic(options, config.FEATURES_TOPIC)
     io, inputs, computed = read_and_featurize(pipeline, options)
-    _ = (
-        computed.transactions
-        | "ToMessage" >> beam.Map(lambda item: outcome(FEATURES, feature_message(item), item.cells))
-        | "PublishFeatures" >> publish_outcomes(options, {FEATURES: output_topic})
+    records = computed.transactions | "ToMessage" >> beam.Map(lambda item: outcome(FEATURES, feature_message(item), item.cells))
+    _ = (records, *input_outcomes(inputs, computed)) | "PublishFeatures" >> publish_outcomes(
+        options, {FEATURES: output_topic, DEAD_LETTER: io.dead_letter_topic}
     )
-    _ = inputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(io.dead_letter_topic)
     return FeaturizePipeline(computed.transactions, inputs.dead_letters)
 
 

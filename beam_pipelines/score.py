@@ -20,16 +20,17 @@ import sys
 from typing import NamedTuple
 
 import apache_beam as beam
-from apache_beam.io.gcp.pubsub import WriteToPubSub
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import options as opts
-from beam_pipelines.featurize import publish_outcomes, read_and_featurize
+from beam_pipelines.featurize import input_outcomes, publish_outcomes, read_and_featurize
 from rtml import config, drift, health
 from transforms.health import MonitorModel, health_message
-from transforms.scoring import DEAD_LETTER, INSIGHT, FraudModelHandler, ScoreTransactions
-from transforms.validation import WriteDeadLetters
+from transforms.outcomes import DEAD_LETTER, outcome
+from transforms.scoring import INSIGHT, FraudModelHandler, ScoreTransactions
+
+HEALTH = "health"  # the outcome kind of health records
 
 
 class ScoreOptions(PipelineOptions):
@@ -145,21 +146,18 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
     scored = computed.transactions | "ScoreTransactions" >> ScoreTransactions(
         handler, model_dir, side_input_poll_secs=args.model_poll_secs if by_side_input else None
     )
-    _ = scored.outcomes | "PublishInsights" >> publish_outcomes(
-        options, {INSIGHT: output_topic, DEAD_LETTER: io.dead_letter_topic}
-    )
+    # Every message goes out through one publishing step (transforms.outcomes): insights, the
+    # dead letters of validation and of scoring, fraud reports' state cells, health records.
+    results = [scored.outcomes, *input_outcomes(inputs, computed)]
+    topics = {INSIGHT: output_topic, DEAD_LETTER: io.dead_letter_topic}
     health_records = None
     if not args.no_health:
-        health_topic = args.health_topic or config.topic_path(opts.project_of(options), config.HEALTH_TOPIC)
-        health_records = (scored.observations, scored.insights, inputs.feedback) | "MonitorModel" >> MonitorModel(
+        topics[HEALTH] = args.health_topic or config.topic_path(opts.project_of(options), config.HEALTH_TOPIC)
+        health_records = (scored.observations, inputs.feedback) | "MonitorModel" >> MonitorModel(
             model_dir, args.health_window_secs, args.health_period_secs, args.psi_threshold, args.health_min_events
         )
-        _ = (
-            health_records
-            | "ToHealthMessage" >> beam.Map(health_message)
-            | "PublishHealth" >> WriteToPubSub(health_topic, with_attributes=True)
-        )
-    _ = inputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(io.dead_letter_topic)
+        results.append(health_records | "HealthOutcomes" >> beam.Map(lambda record: outcome(HEALTH, health_message(record), ())))
+    _ = tuple(results) | "PublishResults" >> publish_outcomes(options, topics)
     dead_letters = (inputs.dead_letters, scored.dead_letters) | "FlattenDeadLetters" >> beam.Flatten()
     return ScorePipeline(computed.transactions, scored.insights, dead_letters, health_records)
 

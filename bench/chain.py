@@ -95,7 +95,7 @@ def _full_chain(pipeline, payloads, store, model_dir):
     # No Pub/Sub in a batch chain: each insight's state cells are written as the stream writes them after publishing.
     _ = (
         scored.outcomes
-        | "StateCells" >> beam.FlatMap(lambda outcome: [(key, [cell]) for key, cell in outcome.cells])
+        | "StateCells" >> beam.FlatMap(lambda keyed: [(key, [cell]) for key, cell in keyed[1].cells])
         | "WriteEntityCells" >> WriteEntityCells(store, max_buffering_secs=None)  # batch: by count only
     )
     return scored.insights | "Format" >> beam.Map(insight_message)

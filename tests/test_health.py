@@ -233,11 +233,10 @@ def _run_health(insights: list[dict], feedback: list[events.Feedback], model_dir
     tick's window holds them all even if processing crossed the first boundary.
     """
     now = time.time()
-    observations = [health.Observation.from_insight(insight, _latency(i)) for i, insight in enumerate(insights)]
+    observations = [(insight, _latency(i)) for i, insight in enumerate(insights)]
     stream = (
-        TestStream(output_tags={"observations", "insights", "feedback"})
+        TestStream(output_tags={"observations", "feedback"})
         .add_elements([TimestampedValue(o, now) for o in observations], tag="observations")
-        .add_elements([TimestampedValue(i, now) for i in insights], tag="insights")
         .add_elements([TimestampedValue(f, now) for f in feedback], tag="feedback")
         .advance_processing_time(int(now + 2 * period + 1))
         .advance_watermark_to_infinity()
@@ -247,7 +246,7 @@ def _run_health(insights: list[dict], feedback: list[events.Feedback], model_dir
     options.view_as(StandardOptions).streaming = True
     with beam.Pipeline(options=options) as pipeline:
         inputs = pipeline | stream
-        out = (inputs["observations"], inputs["insights"], inputs["feedback"]) | MonitorModel(model_dir, window_secs=600, period_secs=period)
+        out = (inputs["observations"], inputs["feedback"]) | MonitorModel(model_dir, window_secs=600, period_secs=period)
         _ = out | beam.Map(_collect)
     versions = {record["model_version"] for record in _COLLECTED}
     assert len(versions) == 1 and 1 <= len(_COLLECTED) <= 3, _COLLECTED

@@ -91,8 +91,10 @@ def test_teststream_transactions_get_the_models_scores_decisions_and_reasons(tra
         assert record["attributes"] == {"transaction_id": "broken"}
         assert record["error"].startswith("features: missing tx_during_weekend, tx_during_night")
 
-    def check_outcomes(outcomes):
+    def check_outcomes(keyed):
         # one per transaction, insight or dead letter, with the message as published and its own state cells
+        assert all(isinstance(shard, str) for shard, _ in keyed)
+        outcomes = [o for _, o in keyed]
         assert sorted(o.attributes["transaction_id"] for o in outcomes if o.kind == INSIGHT) == sorted(expected)
         dead = [o for o in outcomes if o.kind == DEAD_LETTER]
         assert len(outcomes) == len(expected) + 1 and len(dead) == 1

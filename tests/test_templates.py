@@ -95,11 +95,11 @@ DRY_RUNS = (
         labels=(
             "ReadEvents",
             "ComputeFeatures",
-            "WriteEntityCells",
             "ScoreTransactions",
-            "PublishInsights",
+            "DeadLetterOutcomes",
+            "MonitorModel",
+            "PublishResults",
             "FlattenDeadLetters",
-            "WriteDeadLetters",
         ),
     ),
     DryRun(
@@ -115,10 +115,9 @@ DRY_RUNS = (
         labels=(
             "ReadEvents",
             "ComputeFeatures",
-            "WriteEntityCells",
             "ToMessage",
+            "DeadLetterOutcomes",
             "PublishFeatures",
-            "WriteDeadLetters",
         ),
     ),
 )

@@ -4,20 +4,23 @@ Transactions pass the customer DoFn (keyed by customer) and then the terminal Do
 terminal, which also receives fraud feedback), and leave with every reference feature. Beam
 state is the hot cache of each entity; Bigtable is the durable store: the first time a worker
 sees a key it loads the entity's row, and every change is written back, in batches so there
-are far fewer write RPCs than events:
+are far fewer write RPCs than events. The changes travel as state cells to
+`transforms.outcomes.PublishOutcomes`, which writes each batch's cells in one request after
+publishing the batch's results:
 
-- fraud feedback's cells go to `WriteEntityCells` (`GroupIntoBatches` by count or time);
-- a transaction's own cells (one in its customer's row, one in its terminal's) travel with it
-  as `FeaturedTransaction.cells` and are written by `transforms.outcomes.PublishOutcomes` in the
-  same request as the rest of its batch, after its result was published. So a transaction is in
-  the durable state only once its result is out: after a crash and a replay of the input, a
-  transaction found in the state was handled (a duplicate), and one not found is computed again.
+- a transaction's own cells (one in its customer's row, one in its terminal's) go with it as
+  `FeaturedTransaction.cells`. So a transaction is in the durable state only once its result is
+  out: after a crash and a replay of the input, a transaction found in the state was handled (a
+  duplicate), and one not found is computed again;
+- a fraud report's cell leaves the terminal step as an outcome that publishes nothing
+  (`ComputedFeatures.feedback_state`).
 """
 
 import logging
 import threading
 import uuid
 import zlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -28,8 +31,9 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from rtml import entity_store as store
 from rtml import events
 from rtml.features import Entry, Report
+from transforms import outcomes
 
-MUTATIONS_TAG = "mutations"
+FEEDBACK_STATE_TAG = "feedback_state"
 _LOG = logging.getLogger(__name__)
 
 
@@ -89,15 +93,18 @@ _KNOWN_LOCK = threading.Lock()
 class LoadEntitiesFn(beam.DoFn):
     """Attach the stored rows of entities this worker has not loaded yet: one read per bundle.
 
-    Elements leave as `(event, customer_row, terminal_row)`; a row is an `EntityCells` (empty when
-    Bigtable has none) for a key first seen in this bundle, else None. The stateful DoFns use an
-    attached row only while their state for that key is empty, and read the row themselves if
-    none is attached, so this step saves requests without being needed for correctness.
+    Elements leave as `(event, customer_row, terminal_row)`, passed through `key` when given
+    (keying them here saves the stateful step behind a step of its own); a row is an
+    `EntityCells` (empty when Bigtable has none) for a key first seen in this bundle, else None.
+    The stateful DoFns use an attached row only while their state for that key is empty, and read
+    the row themselves if none is attached, so this step saves requests without being needed for
+    correctness.
     """
 
-    def __init__(self, config: StoreConfig, remembered_keys: int = 1_000_000):
+    def __init__(self, config: StoreConfig, remembered_keys: int = 1_000_000, key: Callable[[tuple], Any] | None = None):
         self._config = config
         self._remembered_keys = remembered_keys
+        self._key = key
         self._token = uuid.uuid4().hex  # names this step's remembered keys in the process
 
     def setup(self):
@@ -137,8 +144,19 @@ class LoadEntitiesFn(beam.DoFn):
                     self._known.pop(next(iter(self._known)))
         for event, keys, timestamp, window in self._pending:
             attached = tuple((rows.get(key) or store.EntityCells()) if key in wanted else None for key in keys)
-            yield WindowedValue((event, *attached), timestamp, [window])
+            loaded = (event, *attached)
+            yield WindowedValue(loaded if self._key is None else self._key(loaded), timestamp, [window])
         self._pending = []
+
+
+def by_customer(loaded: tuple) -> tuple[str, tuple]:
+    """A loaded transaction keyed for the customer step."""
+    return loaded[0].customer_id, loaded
+
+
+def feedback_by_terminal(loaded: tuple) -> tuple[str, tuple]:
+    """A loaded fraud report keyed for the terminal step."""
+    return loaded[0].terminal_id, ("fb", loaded)
 
 
 def _entity_keys(event) -> tuple:
@@ -218,7 +236,7 @@ class TerminalFeaturesFn(_EntityFn):
             if changed:
                 self._feedback.inc()
             report = Report(payload.reported_at_us, payload.is_fraud, payload.event_time_us)
-            yield beam.pvalue.TaggedOutput(MUTATIONS_TAG, (key, [store.report_cell(payload.transaction_id, report)]))
+            yield beam.pvalue.TaggedOutput(FEEDBACK_STATE_TAG, outcomes.state_only([(key, store.report_cell(payload.transaction_id, report))]))
             return
         terminal_features = state.update(tx)
         if terminal_features is None:
@@ -246,11 +264,11 @@ def _all_features(tx, customer_features: dict, terminal_features: dict) -> dict:
 
 class ComputedFeatures(NamedTuple):
     transactions: beam.PCollection  # FeaturedTransaction, carrying its own state cells
-    mutations: beam.PCollection  # (row_key, [Cell]) of fraud feedback, for `WriteEntityCells`
+    feedback_state: beam.PCollection  # keyed outcomes with the cells of fraud reports, for `PublishOutcomes`
 
 
 class ComputeFeatures(beam.PTransform):
-    """Transactions and feedback -> featured transactions (with their state cells), plus feedback's mutations."""
+    """Transactions and feedback -> featured transactions (with their state cells), plus feedback's state cells."""
 
     def __init__(self, config: StoreConfig):
         super().__init__()
@@ -260,16 +278,14 @@ class ComputeFeatures(beam.PTransform):
         transactions, feedback = inputs
         customers = (
             transactions
-            | "LoadTransactionEntities" >> beam.ParDo(LoadEntitiesFn(self._config))
-            | "KeyByCustomer"
-            >> beam.Map(lambda loaded: (loaded[0].customer_id, loaded)).with_output_types(tuple[str, Any])
+            | "LoadTransactionEntities"
+            >> beam.ParDo(LoadEntitiesFn(self._config, key=by_customer)).with_output_types(tuple[str, Any])
             | "CustomerFeatures" >> beam.ParDo(CustomerFeaturesFn(self._config)).with_output_types(tuple[str, Any])
         )
         reports = (
             feedback
-            | "LoadFeedbackEntities" >> beam.ParDo(LoadEntitiesFn(self._config))
-            | "KeyFeedbackByTerminal"
-            >> beam.Map(lambda loaded: (loaded[0].terminal_id, ("fb", loaded))).with_output_types(tuple[str, Any])
+            | "LoadFeedbackEntities"
+            >> beam.ParDo(LoadEntitiesFn(self._config, key=feedback_by_terminal)).with_output_types(tuple[str, Any])
         )
         terminals = (
             (customers, reports)
@@ -278,9 +294,9 @@ class ComputeFeatures(beam.PTransform):
             >> beam.ParDo(TerminalFeaturesFn(self._config))
             .with_input_types(tuple[str, Any])  # str keys: a deterministic key coder for the state
             .with_output_types(FeaturedTransaction)
-            .with_outputs(MUTATIONS_TAG, main="featured")
+            .with_outputs(FEEDBACK_STATE_TAG, main="featured")
         )
-        return ComputedFeatures(terminals.featured, terminals[MUTATIONS_TAG])
+        return ComputedFeatures(terminals.featured, terminals[FEEDBACK_STATE_TAG])
 
 
 class WriteBatchFn(beam.DoFn):

@@ -1,9 +1,13 @@
 """Model health in the scoring pipeline: drift, delayed labels and service figures per window.
 
-    observations --ObserveFn (per bundle: counts and feature bins per version) --------.
-    insights + feedback --keyed by customer--> LabelJoinFn (fraud label changes) -------+--> HealthFn --> records
-                                                                                         (one key; a processing-time
-                                                                                          timer every period)
+    observations --ObserveFn--> per bundle: counts and feature bins per version ----------.
+                                per insight: (customer, scored) --.                        |
+    feedback --(customer, report)---------------------------------+--> LabelJoinFn --------+--> HealthFn --> records
+                                                                       (fraud label         (one key; a processing-
+                                                                        changes)             time timer every period)
+
+The window stats pass through `LabelJoinFn` unchanged, so that `HealthFn` has one input: the
+local runner runs a step once per bundle of each input, empty bundles included.
 
 `HealthFn` keeps per-period buckets of `rtml.health.WindowStats` and, every `period_secs` of
 processing time, publishes one record per model version seen in the last `window_secs` (the
@@ -70,7 +74,8 @@ class References:
 
 
 class ObserveFn(beam.DoFn):
-    """`rtml.health.Observation`s -> one `(HEALTH_KEY, ("stats", {version: WindowStats}))` per bundle."""
+    """(insight, latency in ms) -> `(customer_id, ("scored", ...))` per insight, for the label
+    join, and one `(HEALTH_KEY, ("stats", {version: WindowStats}))` per bundle."""
 
     def __init__(self, model_dir: str):
         self._model_dir = model_dir
@@ -81,9 +86,12 @@ class ObserveFn(beam.DoFn):
     def start_bundle(self):
         self._stats: dict[str, health.WindowStats] = {}
 
-    def process(self, observation: health.Observation):
+    def process(self, observed: tuple[dict, float]):
+        insight, latency_ms = observed
+        observation = health.Observation.from_insight(insight, latency_ms)
         version = observation.model_version
         self._stats.setdefault(version, health.WindowStats()).add(observation, self._references.get(version))
+        yield scored_event(insight)
 
     def finish_bundle(self):
         if self._stats:
@@ -106,7 +114,8 @@ def report_event(feedback: events.Feedback) -> tuple[str, tuple]:
 
 
 class LabelJoinFn(beam.DoFn):
-    """Per customer: joins insights with fraud reports; emits fraud-label changes of scored transactions."""
+    """Per customer: joins insights with fraud reports; emits fraud-label changes of scored
+    transactions. Window stats (key `HEALTH_KEY`) pass through unchanged, on their way to `HealthFn`."""
 
     LABELS = ReadModifyWriteStateSpec("labels", PickleCoder())
 
@@ -116,6 +125,9 @@ class LabelJoinFn(beam.DoFn):
 
     def process(self, element: tuple[str, tuple], labels=beam.DoFn.StateParam(LABELS)):
         _, event = element
+        if event[0] == "stats":
+            yield element
+            return
         joined: health.CustomerLabels = labels.read() or health.CustomerLabels()
         if event[0] == "scored":
             _, tx, version, decision, event_us = event
@@ -227,9 +239,9 @@ def health_message(record: dict) -> PubsubMessage:
 
 
 class MonitorModel(beam.PTransform):
-    """(observations, insights, validated feedback) -> health records (dicts), one per version every period.
+    """(observations, validated feedback) -> health records (dicts), one per version every period.
 
-    `observations` are `AssembleInsightFn`'s (insights with their publish-to-emit latency).
+    `observations` are `AssembleInsightFn`'s: (insight, publish-to-emit latency in ms).
     """
 
     def __init__(self, model_dir: str, window_secs: float = 600.0, period_secs: float = 60.0, psi_threshold: float = drift.PSI_ALERT, min_events: int = health.DEFAULT_MIN_EVENTS):
@@ -238,19 +250,14 @@ class MonitorModel(beam.PTransform):
         self._model_dir = model_dir
 
     def expand(self, inputs):
-        observations, insights, feedback = inputs
+        observations, feedback = inputs
         # Typed (str key, value) pairs all the way: the stateful steps need a deterministic key coder.
         keyed = tuple[str, Any]
         observed = observations | "Observe" >> beam.ParDo(ObserveFn(self._model_dir)).with_output_types(keyed)
-        scored = insights | "ScoredByCustomer" >> beam.Map(scored_event).with_output_types(keyed)
         reports = feedback | "ReportsByCustomer" >> beam.Map(report_event).with_output_types(keyed)
-        label_changes = (
-            (scored, reports)
+        return (
+            (observed, reports)
             | "FlattenLabelEvents" >> beam.Flatten()
             | "JoinLabels" >> beam.ParDo(LabelJoinFn()).with_input_types(keyed).with_output_types(keyed)
-        )
-        return (
-            (observed, label_changes)
-            | "FlattenHealthInputs" >> beam.Flatten()
             | "Health" >> beam.ParDo(self._health).with_input_types(keyed)
         )

@@ -1,11 +1,11 @@
 """Publish each transaction's result, then write its feature state to Bigtable.
 
 A transaction's result is the one message the pipeline owes for it: an insight (scoring), a
-feature record (featurize), or a dead letter when it passed validation but could not be scored.
-`PublishOutcomes` batches results (by count, or `max_buffering_secs` after the first one),
-publishes a batch, waits until Pub/Sub has acknowledged every message of it, and only then
-writes the batch's state cells (`FeaturedTransaction.cells`: the transaction in its customer's
-and its terminal's rows) in one Bigtable request.
+feature record (featurize), or a dead letter. `PublishOutcomes` batches results (by count, or
+`max_buffering_secs` after the first one), publishes a batch, waits until Pub/Sub has
+acknowledged every message of it, and only then writes the batch's state cells
+(`FeaturedTransaction.cells`: the transaction in its customer's and its terminal's rows, and
+the cells of fraud reports, which publish nothing) in one Bigtable request.
 
 Why: the local runner acknowledges input messages before processing them, so after a crash the
 way back is to seek the input subscriptions to before the crash and replay (`rtml seek`). Since
@@ -14,6 +14,11 @@ transaction found in the state is a duplicate (dropped and counted), and one not
 computed and published again. The one window left is between Pub/Sub's acknowledgement of a
 batch and the Bigtable write that follows, a few milliseconds per batch, in which a crash makes
 that batch's transactions come out twice.
+
+Every message the pipelines publish goes this way (insights, dead letters, health records), as
+`(shard, Outcome)` pairs made by `keyed`, straight from the steps that produce them: one
+stateful step does the batching and the publishing. Fewer steps matter on the local runner,
+which runs every step once for every bundle of each of its inputs, empty bundles included.
 """
 
 from __future__ import annotations
@@ -22,30 +27,52 @@ import logging
 import os
 import threading
 import time
+import uuid
 from typing import Any, NamedTuple
 
 import apache_beam as beam
+from apache_beam.coders import PickleCoder, VarIntCoder
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
 
 from rtml import entity_store as store
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "outcomes"
+DEAD_LETTER = "dead_letter"  # the outcome kind of dead letters, in every pipeline
 PUBLISH_RETRY_FOR_S = 600.0
 
 
 class Outcome(NamedTuple):
-    """One message to publish (`kind` names its topic) and the state cells to write after it."""
+    """One message to publish (`kind` names its topic; None: nothing to publish) and the state
+    cells to write after it."""
 
-    kind: str
+    kind: str | None
     data: bytes
     attributes: dict
     cells: tuple  # (row_key, Cell) pairs
 
 
-def outcome(kind: str, message, cells: tuple) -> Outcome:
-    """An outcome from a PubsubMessage."""
-    return Outcome(kind, message.data, dict(message.attributes or {}), tuple(cells))
+# Outcomes are keyed by process and worker thread, as Beam's GroupIntoBatches.WithShardedKey
+# does: batches fill up locally, and a large job is not funnelled through one key.
+_SHARD_PREFIX = uuid.uuid4().hex[:12]
+
+
+def keyed(item: Outcome) -> tuple[str, Outcome]:
+    """`(shard, item)`: what `PublishOutcomes` takes."""
+    return f"{_SHARD_PREFIX}-{threading.get_ident()}", item
+
+
+def outcome(kind: str, message, cells: tuple) -> tuple[str, Outcome]:
+    """A keyed outcome from a PubsubMessage."""
+    return keyed(Outcome(kind, message.data, dict(message.attributes or {}), tuple(cells)))
+
+
+def state_only(cells) -> tuple[str, Outcome]:
+    """A keyed outcome that publishes nothing and writes `cells` (a fraud report's) with its batch."""
+    return keyed(Outcome(None, b"", {}, tuple(cells)))
 
 
 _PUBLISHERS: dict[tuple, Any] = {}
@@ -64,11 +91,25 @@ def _shared_publisher():
 
 
 class PublishThenPersistFn(beam.DoFn):
-    """Publish one batch of outcomes, wait for every acknowledgement, then write their cells."""
+    """Per shard: buffer outcomes until `batch_size` or `max_buffering_secs` after the first,
+    then publish the batch, wait for every acknowledgement, and write its cells in one request.
 
-    def __init__(self, config, topics: dict[str, str]):
+    The buffer lives in Beam state (it survives a worker failure like any other element), and
+    the wait is a processing-time timer, as in Beam's `GroupIntoBatches`; doing the batching in
+    this step rather than in a separate one saves a step per bundle on the local runner.
+    """
+
+    BUFFER = BagStateSpec("buffer", PickleCoder())
+    COUNT = ReadModifyWriteStateSpec("count", VarIntCoder())
+    FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
+
+    def __init__(self, config, topics: dict[str, str], batch_size: int, max_buffering_secs: float):
+        if batch_size < 1 or max_buffering_secs <= 0:
+            raise ValueError("batch_size must be at least 1 and max_buffering_secs > 0")
         self._config = config
         self._topics = dict(topics)
+        self._batch_size = batch_size
+        self._max_buffering_secs = max_buffering_secs
 
     def setup(self):
         self._publisher = _shared_publisher()
@@ -81,11 +122,34 @@ class PublishThenPersistFn(beam.DoFn):
     def teardown(self):
         self._store.close()
 
-    def process(self, element):
-        _, batch = element
-        self._publish(batch)
-        self._published.inc(len(batch))
-        self._batch_sizes.update(len(batch))
+    def process(
+        self,
+        element: tuple[str, Outcome],
+        buffer=beam.DoFn.StateParam(BUFFER),
+        count=beam.DoFn.StateParam(COUNT),
+        flush=beam.DoFn.TimerParam(FLUSH),
+    ):
+        _, item = element
+        if item.kind is not None and item.kind not in self._topics:
+            raise ValueError(f"no topic for results of kind {item.kind!r}; known: {sorted(self._topics)}")
+        buffer.add(item)
+        size = (count.read() or 0) + 1
+        count.write(size)
+        if size == 1:
+            flush.set(Timestamp.of(time.time() + self._max_buffering_secs))
+        if size >= self._batch_size:
+            flush.clear()
+            self._flush(buffer, count)
+
+    @on_timer(FLUSH)
+    def on_flush(self, buffer=beam.DoFn.StateParam(BUFFER), count=beam.DoFn.StateParam(COUNT)):
+        self._flush(buffer, count)
+
+    def _flush(self, buffer, count) -> None:
+        batch = list(buffer.read())
+        if not batch:
+            return
+        self._publish([item for item in batch if item.kind is not None])
         rows: dict[bytes, list] = {}
         for item in batch:
             for key, cell in item.cells:
@@ -93,9 +157,15 @@ class PublishThenPersistFn(beam.DoFn):
         before = self._store.write_rpcs
         self._store.write(rows)
         self._write_rpcs.inc(self._store.write_rpcs - before)
+        buffer.clear()
+        count.clear()
 
     def _publish(self, batch: list[Outcome]) -> None:
         """Publish every outcome; retry the failed ones with backoff for up to 10 minutes, then raise."""
+        if not batch:
+            return
+        self._published.inc(len(batch))
+        self._batch_sizes.update(len(batch))
         pending = list(batch)
         deadline = time.monotonic() + PUBLISH_RETRY_FOR_S
         delay = 0.2
@@ -122,22 +192,15 @@ class PublishThenPersistFn(beam.DoFn):
 
 
 class PublishOutcomes(beam.PTransform):
-    """`Outcome`s -> Pub/Sub (topic by kind), each batch's state cells then written to Bigtable."""
+    """Keyed `Outcome`s (`keyed`), one PCollection or several -> Pub/Sub (topic by kind), each
+    batch's state cells then written to Bigtable."""
 
     def __init__(self, config, topics: dict[str, str], batch_size: int = 500, max_buffering_secs: float = 0.25):
         super().__init__()
-        self._config = config
-        self._topics = dict(topics)
-        self._batch_size = batch_size
-        self._max_buffering_secs = max_buffering_secs
+        self._fn = PublishThenPersistFn(config, topics, batch_size, max_buffering_secs)
 
     def expand(self, outcomes):
-        # One key, sharded by Beam per worker thread (and by Dataflow as it sees fit), so batches
-        # fill up without funnelling a large job through one worker.
-        batches = beam.GroupIntoBatches.WithShardedKey(self._batch_size, max_buffering_duration_secs=self._max_buffering_secs)
-        return (
-            outcomes
-            | "KeyForBatching" >> beam.Map(lambda item: (0, item)).with_output_types(tuple[int, Any])
-            | "Batch" >> batches
-            | "PublishThenPersist" >> beam.ParDo(PublishThenPersistFn(self._config, self._topics))
-        )
+        if isinstance(outcomes, (tuple, list)):
+            outcomes = outcomes | "FlattenOutcomes" >> beam.Flatten()
+        # str keys: a deterministic key coder for the state.
+        return outcomes | "PublishThenPersist" >> beam.ParDo(self._fn).with_input_types(tuple[str, Any])

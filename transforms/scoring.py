@@ -35,7 +35,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 
 from models import decisions, loader
 from models.features import RAW_FEATURES
-from rtml import events, health
+from rtml import events
 from transforms import outcomes
 from transforms.validation import dead_letter_message
 
@@ -167,7 +167,10 @@ class FraudModelHandler(ModelHandler[ScoringExample, dict, ModelSlot]):
         self._poll_secs = poll_secs
         self._path: str | None = None
         self._slot: ModelSlot | None = None
-        self._batching = {"min_batch_size": 1, "max_batch_size": max_batch_size}
+        # min = max: a batch is a whole bundle, up to max_batch_size. Beam's adaptive sizing starts
+        # at min_batch_size in every new DoFn instance, and the local runner makes one per bundle,
+        # so with min 1 a 10-message bundle went through the model in batches of 1, 2, 4 and 3.
+        self._batching = {"min_batch_size": max_batch_size, "max_batch_size": max_batch_size}
         if max_batch_duration_secs:
             self._batching["max_batch_duration_secs"] = max_batch_duration_secs
 
@@ -246,8 +249,8 @@ def insight_record(example: ScoringExample, inference: dict, processed_at_us: in
 class AssembleInsightFn(beam.DoFn):
     """(transaction_id, PredictionResult) -> insight dict; counts decisions and publish-to-emit latency.
 
-    Also an `OBSERVATIONS` output: each insight as a `rtml.health.Observation`, with its latency;
-    and an `OUTCOMES` output: each insight or dead letter as the `Outcome` to publish.
+    Also an `OBSERVATIONS` output: each insight with its publish-to-emit latency in ms, for model
+    health; and an `OUTCOMES` output: each insight or dead letter as the keyed `Outcome` to publish.
     """
 
     def setup(self):
@@ -274,7 +277,7 @@ class AssembleInsightFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput(OUTCOMES, outcomes.outcome(INSIGHT, insight_message(record), result.example.cells))
         # For model health: after RunInference's batching, element timestamps are no longer the
         # publish times, so the latency travels with the observation.
-        yield beam.pvalue.TaggedOutput(OBSERVATIONS, health.Observation.from_insight(record, latency_ms))
+        yield beam.pvalue.TaggedOutput(OBSERVATIONS, (record, latency_ms))
 
 
 def insight_message(record: dict) -> PubsubMessage:
@@ -287,10 +290,10 @@ DEAD_LETTERS = "dead_letters"
 OBSERVATIONS = "observations"
 OUTCOMES = "outcomes"
 INSIGHT = "insight"  # outcome kinds, each published to its own topic
-DEAD_LETTER = "dead_letter"
+DEAD_LETTER = outcomes.DEAD_LETTER
 
 
-def dead_letter_outcome(dead: tuple[str, dict], example: ScoringExample) -> outcomes.Outcome:
+def dead_letter_outcome(dead: tuple[str, dict], example: ScoringExample) -> tuple[str, outcomes.Outcome]:
     return outcomes.outcome(DEAD_LETTER, dead_letter_message(dead), example.cells)
 
 
@@ -320,8 +323,8 @@ def failed_batch_dead_letters(failure) -> Iterable:
 class Scored(NamedTuple):
     insights: beam.PCollection  # insight dicts
     dead_letters: beam.PCollection  # (error_kind, dead-letter record)
-    observations: beam.PCollection  # rtml.health.Observation per insight
-    outcomes: beam.PCollection  # transforms.outcomes.Outcome per transaction: its insight or dead letter
+    observations: beam.PCollection  # (insight dict, publish-to-emit latency in ms)
+    outcomes: beam.PCollection  # keyed transforms.outcomes.Outcome per transaction: its insight or dead letter
 
 
 class ScoreTransactions(beam.PTransform):
