@@ -106,7 +106,7 @@ def _run_pipeline(
         results["p99_ms"].append(round(p99, 1))
         log(f"{module} run {attempt + 1}: {json.dumps({k: v[-1] for k, v in results.items()})}")
     return {
-        key: {"median": statistics.median([v for v in values if v is not None] or [0]), "runs": values}
+        key: {"median": round(statistics.median([v for v in values if v is not None] or [0]), 2), "runs": values}
         for key, values in results.items()
     }
 
