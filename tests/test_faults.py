@@ -155,7 +155,9 @@ def test_kill_9_mid_stream_then_a_restart_sought_back_loses_and_repeats_nothing(
     reference = _reference(services, path, tmp_path)
     topics, table, job = _serve(services, tmp_path, trained, "fault-kill")
     subscription = topics["fraud-insights"] + "-sub"
-    replay = threading.Thread(target=publish_replay, args=(services, topics, path), kwargs={"rate": 25.0})
+    # Offered faster than the pipeline scores locally, so it is busy with pulled messages when killed:
+    # below capacity it sits idle between bundles, and a kill right after an output can lose nothing.
+    replay = threading.Thread(target=publish_replay, args=(services, topics, path), kwargs={"rate": 150.0})
     got = []
     with job:
         replay.start()

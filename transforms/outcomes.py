@@ -200,7 +200,12 @@ class PublishOutcomes(beam.PTransform):
         self._fn = PublishThenPersistFn(config, topics, batch_size, max_buffering_secs)
 
     def expand(self, outcomes):
-        if isinstance(outcomes, (tuple, list)):
-            outcomes = outcomes | "FlattenOutcomes" >> beam.Flatten()
-        # str keys: a deterministic key coder for the state.
-        return outcomes | "PublishThenPersist" >> beam.ParDo(self._fn).with_input_types(tuple[str, Any])
+        if not isinstance(outcomes, (tuple, list)):
+            outcomes = (outcomes,)
+        # Typed str keys: the state needs a deterministic key coder (Dataflow matches state by encoded key).
+        keyed_outcomes = tuple[str, Any]
+        return (
+            tuple(outcomes)
+            | "FlattenOutcomes" >> beam.Flatten().with_output_types(keyed_outcomes)
+            | "PublishThenPersist" >> beam.ParDo(self._fn).with_input_types(keyed_outcomes)
+        )
