@@ -25,7 +25,7 @@ from beam_pipelines import options as opts
 from rtml import config, events
 from transforms.features import ComputedFeatures, ComputeFeatures, FeaturedTransaction
 from transforms.outcomes import DEAD_LETTER, PublishOutcomes, outcome
-from transforms.validation import InputEvents, ReadEvents, dead_letter_message
+from transforms.validation import InputEvents, ReadEvents, dead_letter_outcome
 
 
 class FeaturizePipeline(NamedTuple):
@@ -61,9 +61,7 @@ def read_and_featurize(pipeline: beam.Pipeline, options: PipelineOptions):
 def input_outcomes(inputs: InputEvents, computed: ComputedFeatures) -> list[beam.PCollection]:
     """What the front half owes besides the transactions' results, as keyed outcomes for
     `publish_outcomes`: validation's dead letters, and fraud reports' state cells."""
-    dead_letters = inputs.dead_letters | "DeadLetterOutcomes" >> beam.Map(
-        lambda dead: outcome(DEAD_LETTER, dead_letter_message(dead), ())
-    )
+    dead_letters = inputs.dead_letters | "DeadLetterOutcomes" >> beam.Map(dead_letter_outcome)
     return [dead_letters, computed.feedback_state]
 
 

@@ -37,7 +37,7 @@ from models import decisions, loader
 from models.features import RAW_FEATURES
 from rtml import events
 from transforms import outcomes
-from transforms.validation import dead_letter_message
+from transforms.validation import dead_letter_outcome
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "scoring"
@@ -266,7 +266,7 @@ class AssembleInsightFn(beam.DoFn):
             self._invalid.inc()
             dead = (FEATURES_ERROR_KIND, transaction_dead_letter(result.example, result.inference["error"], now_us))
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead)
-            yield beam.pvalue.TaggedOutput(OUTCOMES, dead_letter_outcome(dead, result.example))
+            yield beam.pvalue.TaggedOutput(OUTCOMES, dead_letter_outcome(dead, result.example.cells))
             return
         record = insight_record(result.example, result.inference, now_us)
         latency_ms = max(0, (now_us - result.example.published_at_us) // 1000)
@@ -293,10 +293,6 @@ INSIGHT = "insight"  # outcome kinds, each published to its own topic
 DEAD_LETTER = outcomes.DEAD_LETTER
 
 
-def dead_letter_outcome(dead: tuple[str, dict], example: ScoringExample) -> tuple[str, outcomes.Outcome]:
-    return outcomes.outcome(DEAD_LETTER, dead_letter_message(dead), example.cells)
-
-
 def transaction_dead_letter(example: ScoringExample, error: str, received_us: int) -> dict:
     """A dead letter for a transaction that passed validation but could not be scored."""
     tx = example.transaction
@@ -317,7 +313,7 @@ def failed_batch_dead_letters(failure) -> Iterable:
         message = f"inference: the model failed on this transaction's batch: {text}"
         dead = (INFERENCE_ERROR_KIND, transaction_dead_letter(example, message, received_us))
         yield dead
-        yield beam.pvalue.TaggedOutput(OUTCOMES, dead_letter_outcome(dead, example))
+        yield beam.pvalue.TaggedOutput(OUTCOMES, dead_letter_outcome(dead, example.cells))
 
 
 class Scored(NamedTuple):

@@ -10,6 +10,7 @@ from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub, WriteToPubS
 from apache_beam.metrics import Metrics
 
 from rtml import events
+from transforms import outcomes
 
 DEAD_LETTER_TAG = "dead_letter"
 
@@ -98,6 +99,12 @@ def dead_letter_message(kind_and_record: tuple[str, dict]) -> PubsubMessage:
     kind, record = kind_and_record
     data = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return PubsubMessage(data, {"source": record["source"], "error_kind": kind})
+
+
+def dead_letter_outcome(kind_and_record: tuple[str, dict], cells: tuple = ()) -> tuple[str, outcomes.Outcome]:
+    """A dead letter as the keyed outcome `transforms.outcomes.PublishOutcomes` publishes, with
+    the state cells of its transaction (none for a message that failed validation)."""
+    return outcomes.outcome(outcomes.DEAD_LETTER, dead_letter_message(kind_and_record), cells)
 
 
 class WriteDeadLetters(beam.PTransform):
