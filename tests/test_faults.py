@@ -52,13 +52,13 @@ def _check_features(insight: dict, reference: dict[str, dict]) -> None:
         assert insight["features"][name] == pytest.approx(value, abs=1e-9), (insight["transaction_id"], name)
 
 
-def _serve(services, tmp_path, trained, name):
+def _serve(services, tmp_path, trained, name, extra_args=()):
     topics = make_topics(services)
     table = new_table(services, name)
     model_dir = tmp_path / "models"
     model_dir.mkdir()
     copy_version(trained.version, model_dir, "20260301-000000")
-    job = PipelineProcess("beam_pipelines.score", score_args(services, topics, table, model_dir), tmp_path / "score.log")
+    job = PipelineProcess("beam_pipelines.score", [*score_args(services, topics, table, model_dir), *extra_args], tmp_path / "score.log")
     return topics, table, job
 
 
@@ -155,6 +155,10 @@ def test_kill_9_mid_stream_then_a_restart_sought_back_loses_and_repeats_nothing(
     the crash (`rtml seek`) and starting a new process recovers exactly that: each transaction one
     insight, features exact, each in the feature state once.
 
+    Results are held up to 5 s before publishing here, and the kill comes 2 s after a batch of
+    them arrived, so the process certainly holds pulled messages whose results are not out (a
+    kill right after a batch went out can otherwise find nothing in flight).
+
     The one repeat the design allows (README, "Recovery after a crash"): a kill between Pub/Sub's
     acknowledgement of a batch and the Bigtable write after it leaves that batch's insights out and
     its transactions out of the state, so the replay scores them again. The test reads the state
@@ -162,7 +166,7 @@ def test_kill_9_mid_stream_then_a_restart_sought_back_loses_and_repeats_nothing(
     other."""
     path = _history(tmp_path, seed=19)
     reference = _reference(services, path, tmp_path)
-    topics, table, job = _serve(services, tmp_path, trained, "fault-kill")
+    topics, table, job = _serve(services, tmp_path, trained, "fault-kill", ["--publish_max_buffering_secs=5"])
     subscription = topics["fraud-insights"] + "-sub"
     # Offered faster than the pipeline scores locally, so it is busy with pulled messages when killed:
     # below capacity it sits idle between bundles, and a kill right after an output can lose nothing.
@@ -174,6 +178,7 @@ def test_kill_9_mid_stream_then_a_restart_sought_back_loses_and_repeats_nothing(
         while len(got) < 150:  # the pipeline is up and scoring
             job.check_running()
             pubsub_tools.pull(subscription, services.project, count=150 - len(got), idle_timeout=2.0, on_message=got.append)
+        time.sleep(2)  # the next batch is filling: 2 s of results pulled and computed, not published
         job.kill()
     replay.join()
     pubsub_tools.pull(subscription, services.project, idle_timeout=3.0, on_message=got.append)  # what left before the crash
