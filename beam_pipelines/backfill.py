@@ -1,8 +1,10 @@
 """Batch backfill: replay files -> reference features per transaction -> training examples + warm state.
 
 Reads one or more replay files (local paths or gs://), numbers every line by publication order,
-hashes customers and terminals into shards, and runs the same feature core as the streaming
-DoFns over each entity in publication order. Writes
+and runs the same feature core as the streaming DoFns over each entity in publication order, in
+two shuffles: events grouped by terminal shard get their terminal features and labels, then
+transactions grouped by customer shard get their customer features and become examples there
+(no third shuffle to join the two halves). Writes
 
 - training examples (`tf.train.Example` in TFRecord shards under `--examples_out`): one per
   transaction, every reference feature, the label, event time and ids;
@@ -103,7 +105,7 @@ def lines_in_range(handle, start: int, end: int):
 
 
 class ParseRangeFn(beam.DoFn):
-    """Parse and validate the lines of one byte range; emit event rows grouped by entity shard."""
+    """Parse and validate the lines of one byte range; emit event rows grouped by terminal shard."""
 
     REJECTED = "rejected"
 
@@ -113,7 +115,6 @@ class ParseRangeFn(beam.DoFn):
 
     def process(self, byte_range):
         index, path, start, end = byte_range
-        by_customer: dict[int, list] = {}
         by_terminal: dict[int, list] = {}
         transactions = feedback = lines = 0
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
@@ -129,7 +130,6 @@ class ParseRangeFn(beam.DoFn):
                 by_terminal.setdefault(history.shard_of(history.terminal_id(row), self._shards), []).append(row)
                 if history.is_transaction(row):
                     transactions += 1
-                    by_customer.setdefault(history.shard_of(history.customer_id(row), self._shards), []).append(row)
                 else:
                     feedback += 1
         _metric("lines").inc(lines)
@@ -138,17 +138,13 @@ class ParseRangeFn(beam.DoFn):
         if self._progress_file:
             with open(self._progress_file, "a", encoding="utf-8") as progress:
                 progress.write(f"{end - start}\n")
-        for shard, rows in by_customer.items():
-            yield ("c", shard), rows
-        for shard, rows in by_terminal.items():
-            yield ("t", shard), rows
+        yield from by_terminal.items()
 
 
-class FeaturizeShardFn(beam.DoFn):
-    """Run the core over one entity shard; emit per-transaction-shard results, store the final state."""
+class _StateSaver:
+    """Writes final entity states to the feature table (nothing without a store config)."""
 
-    def __init__(self, shards: int, store: StoreConfig | None):
-        self._shards = shards
+    def __init__(self, store: StoreConfig | None):
         self._store_config = store
 
     def setup(self):
@@ -157,22 +153,6 @@ class FeaturizeShardFn(beam.DoFn):
     def teardown(self):
         if self._store is not None:
             self._store.close()
-
-    def process(self, element):
-        (kind, _), parts = element
-        rows = [row for part in parts for row in part]
-        if kind == "c":
-            result = history.customer_shard(rows)
-            _metric("duplicates").inc(result.duplicates)
-            self._save(entity_store.CUSTOMER, result.states)
-        else:
-            result = history.terminal_shard(rows)
-            self._save(entity_store.TERMINAL, result.states)
-        split: dict[int, dict] = {}
-        for tx_id, value in result.features.items():
-            split.setdefault(history.shard_of(tx_id, self._shards), {})[tx_id] = value
-        for shard, part in split.items():
-            yield shard, (kind, part)
 
     def _save(self, kind: str, states: dict) -> None:
         if self._store is None:
@@ -195,16 +175,38 @@ class FeaturizeShardFn(beam.DoFn):
         _metric("state_rows_written").inc(len(rows))
 
 
-class JoinShardFn(beam.DoFn):
-    """Join customer and terminal features of one transaction shard into example columns."""
+class TerminalShardFn(_StateSaver, beam.DoFn):
+    """Run the terminal core over one terminal shard; store its final states; emit every
+    transaction as `(row, terminal values or None for a repeat, label)`, grouped by customer shard."""
+
+    def __init__(self, shards: int, store: StoreConfig | None):
+        _StateSaver.__init__(self, store)
+        self._shards = shards
+
+    def process(self, element):
+        _, parts = element
+        result = history.terminal_shard(row for part in parts for row in part)
+        self._save(entity_store.TERMINAL, result.states)
+        by_customer: dict[int, list] = {}
+        for row, values, label in result.features.values():
+            by_customer.setdefault(history.shard_of(history.customer_id(row), self._shards), []).append((row, values, label))
+        for row in result.repeats:
+            by_customer.setdefault(history.shard_of(history.customer_id(row), self._shards), []).append((row, None, 0))
+        yield from by_customer.items()
+
+
+class CustomerShardFn(_StateSaver, beam.DoFn):
+    """Run the customer core over one customer shard; store its final states; emit the shard's
+    examples as columns."""
+
+    def __init__(self, store: StoreConfig | None):
+        _StateSaver.__init__(self, store)
 
     def process(self, element):
         shard, parts = element
-        customer: dict = {}
-        terminal: dict = {}
-        for kind, part in parts:
-            (customer if kind == "c" else terminal).update(part)
-        columns = history.join(customer, terminal)
+        result, columns = history.customer_examples(item for part in parts for item in part)
+        _metric("duplicates").inc(result.duplicates)
+        self._save(entity_store.CUSTOMER, result.states)
         _metric("examples").inc(len(columns))
         _metric("fraud_examples").inc(sum(columns.label))
         yield shard, columns
@@ -252,10 +254,10 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> Backfill:
     )
     joined = (
         parsed.events
-        | "GroupByEntityShard" >> beam.GroupByKey()
-        | "Featurize" >> beam.ParDo(FeaturizeShardFn(shards, store))
-        | "GroupByTransactionShard" >> beam.GroupByKey()
-        | "Join" >> beam.ParDo(JoinShardFn())
+        | "GroupByTerminalShard" >> beam.GroupByKey()
+        | "TerminalFeatures" >> beam.ParDo(TerminalShardFn(shards, store))
+        | "GroupByCustomerShard" >> beam.GroupByKey()
+        | "CustomerFeaturesAndExamples" >> beam.ParDo(CustomerShardFn(store))
     )
     files = joined | "WriteExamples" >> beam.ParDo(WriteExamplesFn(args.examples_out, shards))
     rejected = parsed[ParseRangeFn.REJECTED]

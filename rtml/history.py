@@ -110,6 +110,7 @@ def customer_shard(rows: Iterable[tuple]) -> CustomerResult:
 class TerminalResult(NamedTuple):
     features: dict[str, tuple]  # transaction_id -> (transaction row, values in TERMINAL_FEATURES order, label)
     states: dict[str, TerminalState]
+    repeats: list[tuple]  # transaction rows of an id this shard had already kept (they still count at their customer)
 
 
 def terminal_shard(rows: Iterable[tuple]) -> TerminalResult:
@@ -120,6 +121,7 @@ def terminal_shard(rows: Iterable[tuple]) -> TerminalResult:
     """
     states: dict[str, TerminalState] = {}
     features: dict[str, list] = {}
+    repeats: list[tuple] = []
     latest: dict[str, tuple] = {}
     tx_id_at, time_at, amount_at = _TX["transaction_id"], _TX["event_time_us"], _TX["amount"]
     for row in sorted(rows):
@@ -130,6 +132,8 @@ def terminal_shard(rows: Iterable[tuple]) -> TerminalResult:
             values = state.add(row[tx_id_at], row[time_at], row[amount_at])
             if values is not None and row[tx_id_at] not in features:  # the first copy of an id wins
                 features[row[tx_id_at]] = [row, values, 0]
+            else:
+                repeats.append(row)
             continue
         fb = feedback_of(row)
         state.apply_feedback(fb)
@@ -139,7 +143,26 @@ def terminal_shard(rows: Iterable[tuple]) -> TerminalResult:
     for tx_id, (_, _, is_fraud) in latest.items():
         if is_fraud and tx_id in features:
             features[tx_id][2] = 1
-    return TerminalResult({tx_id: tuple(value) for tx_id, value in features.items()}, states)
+    return TerminalResult({tx_id: tuple(value) for tx_id, value in features.items()}, states, repeats)
+
+
+def customer_examples(items: Iterable[tuple]) -> tuple[CustomerResult, ExampleColumns]:
+    """Run the customer core over one shard's transactions, then join: the examples of the
+    transactions both cores kept.
+
+    `items` are `(transaction row, terminal values or None, label)` as the terminal core left
+    them: every transaction row of the shard's customers, None for a repeat it did not keep (a
+    repeat still reaches the customer's state, as in the stream). Where both cores kept copies
+    of one id, the earliest published copy the terminal core kept is joined.
+    """
+    ordered = sorted(items, key=lambda item: item[0][:2])
+    result = customer_shard(item[0] for item in ordered)
+    terminal: dict[str, tuple] = {}
+    tx_id_at = _TX["transaction_id"]
+    for item in ordered:
+        if item[1] is not None and item[0][tx_id_at] not in terminal:
+            terminal[item[0][tx_id_at]] = item
+    return result, join(result.features, terminal)
 
 
 class ExampleColumns(NamedTuple):

@@ -180,11 +180,16 @@ def shuffled(rows, seed):
     return rows
 
 
+def terminal_items(terminal):
+    """What the backfill hands from the terminal core to the customer core."""
+    return [*terminal.features.values(), *((row, None, 0) for row in terminal.repeats)]
+
+
 def examples_of(rows, seed=0):
-    transactions = [row for row in rows if history.is_transaction(row)]
-    customer = history.customer_shard(shuffled(transactions, seed))
+    """The backfill's two cores over one shard each, inputs in any order."""
     terminal = history.terminal_shard(shuffled(rows, seed + 1))
-    return customer, terminal, history.join(customer.features, terminal.features)
+    customer, columns = history.customer_examples(shuffled(terminal_items(terminal), seed))
+    return customer, terminal, columns
 
 
 def test_history_rows_are_parsed_back_to_the_events():
@@ -353,3 +358,40 @@ def test_the_first_copy_of_a_transaction_id_reused_by_another_customer_wins():
     result = history.customer_shard([(0, 100, *second), (0, 0, *first)])
     assert result.features["X"] == (1, 10.0, 1, 10.0, 1, 10.0)
     assert result.duplicates == 1
+
+
+def test_the_terminal_core_hands_on_the_repeat_it_did_not_keep():
+    _, terminal, _ = examples_of(history_rows(EVENTS))
+    assert [history.transaction_of(row).transaction_id for row in terminal.repeats] == ["tx1"]
+    assert "tx1" in terminal.features
+
+
+def test_an_id_reused_by_another_customer_at_the_same_terminal_still_counts_at_that_customer():
+    """As in the stream: C2's state takes X (its customer step sees it first), the terminal drops
+    it as a repeat, so X has one example (C1's) and C2's next transaction counts X."""
+    events = [
+        tx("X", T0, "C1", "T1", 10.0),
+        tx("X", T0 + HOUR_US, "C2", "T1", 99.0),
+        tx("Y", T0 + 2 * HOUR_US, "C2", "T1", 5.0),
+    ]
+    customer, _, columns = examples_of(history_rows(events, file_count=1))
+    rows = {row["transaction_id"]: row for row in columns.rows()}
+    assert sorted(rows) == ["X", "Y"]
+    assert (rows["X"]["customer_id"], rows["X"]["amount"]) == ("C1", 10.0)
+    assert rows["Y"]["customer_nb_tx_1d"] == 2
+    assert customer.duplicates == 1
+    assert [e.transaction_id for e in customer.states["C2"].entries()] == ["X", "Y"]
+
+
+@pytest.mark.parametrize("shards", [2, 3, 5])
+def test_terminal_then_customer_shards_give_the_examples_of_one_shard(shards):
+    """The backfill's split: terminal shards, then their transactions regrouped by customer shard."""
+    rows = history_rows(EVENTS)
+    whole = examples_of(rows)[2].rows()
+    by_customer: dict[int, list] = {}
+    for shard in range(shards):
+        terminal = history.terminal_shard(r for r in rows if history.shard_of(history.terminal_id(r), shards) == shard)
+        for item in terminal_items(terminal):
+            by_customer.setdefault(history.shard_of(history.customer_id(item[0]), shards), []).append(item)
+    split = [row for items in by_customer.values() for row in history.customer_examples(items)[1].rows()]
+    assert sorted(split, key=lambda r: r["transaction_id"]) == sorted(whole, key=lambda r: r["transaction_id"])
