@@ -108,12 +108,21 @@ class Report(NamedTuple):
 
 def transaction_features(tx: Any) -> dict[str, float]:
     """`amount`, `tx_during_weekend` and `tx_during_night` of one transaction (UTC)."""
-    days, in_day = divmod(tx.event_time_us, DAY_US)
     return {
         "amount": float(tx.amount),
-        "tx_during_weekend": 1 if (days + _EPOCH_WEEKDAY) % 7 >= 5 else 0,
-        "tx_during_night": 1 if in_day < _NIGHT_END_US else 0,
+        "tx_during_weekend": during_weekend(tx.event_time_us),
+        "tx_during_night": during_night(tx.event_time_us),
     }
+
+
+def during_weekend(event_time_us: int) -> int:
+    """1 on Saturdays and Sundays (UTC), else 0."""
+    return 1 if (event_time_us // DAY_US + _EPOCH_WEEKDAY) % 7 >= 5 else 0
+
+
+def during_night(event_time_us: int) -> int:
+    """1 from midnight to 06:59:59 (UTC), else 0."""
+    return 1 if event_time_us % DAY_US < _NIGHT_END_US else 0
 
 
 def _restore_rows(entries: Iterable[Any], retention_us: int) -> list[tuple[int, str, float]]:
