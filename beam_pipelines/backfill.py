@@ -188,19 +188,14 @@ class TerminalShardFn(_StateSaver, beam.DoFn):
         result = history.terminal_shard(row for part in parts for row in part)
         self._save(entity_store.TERMINAL, result.states)
         by_customer: dict[int, list] = {}
-        for row, values, label in result.features.values():
-            by_customer.setdefault(history.shard_of(history.customer_id(row), self._shards), []).append((row, values, label))
-        for row in result.repeats:
-            by_customer.setdefault(history.shard_of(history.customer_id(row), self._shards), []).append((row, None, 0))
+        for item in result.handed_on():
+            by_customer.setdefault(history.shard_of(history.customer_id(item[0]), self._shards), []).append(item)
         yield from by_customer.items()
 
 
 class CustomerShardFn(_StateSaver, beam.DoFn):
     """Run the customer core over one customer shard; store its final states; emit the shard's
     examples as columns."""
-
-    def __init__(self, store: StoreConfig | None):
-        _StateSaver.__init__(self, store)
 
     def process(self, element):
         shard, parts = element

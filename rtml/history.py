@@ -112,6 +112,11 @@ class TerminalResult(NamedTuple):
     states: dict[str, TerminalState]
     repeats: list[tuple]  # transaction rows of an id this shard had already kept (they still count at their customer)
 
+    def handed_on(self) -> list[tuple]:
+        """Every transaction as the customer core takes it (`customer_examples`):
+        `(row, terminal values, label)`, and `(row, None, 0)` for a repeat."""
+        return [*self.features.values(), *((row, None, 0) for row in self.repeats)]
+
 
 def terminal_shard(rows: Iterable[tuple]) -> TerminalResult:
     """Run the terminal core over one shard's transactions and feedback in publication order.
@@ -195,19 +200,18 @@ def join(customer: dict[str, tuple], terminal: dict[str, tuple]) -> ExampleColum
     Built a column at a time (list comprehensions over the shard), which takes a third of the
     time of appending each example's 21 values one by one.
     """
-    from rtml.features import TRANSACTION_FEATURES, during_night, during_weekend
+    from rtml.features import during_night, during_weekend
 
-    time_at = _TX["event_time_us"]
+    time_at, amount_at = _TX["event_time_us"], _TX["amount"]
     joined = sorted((value[0][time_at], tx_id, value) for tx_id, value in terminal.items() if tx_id in customer)
     ids = [tx_id for _, tx_id, _ in joined]
     times = [event_time_us for event_time_us, _, _ in joined]
     rows = [value[0] for _, _, value in joined]
-    per_transaction = {
-        "amount": lambda: [float(row[_TX["amount"]]) for row in rows],
-        "tx_during_weekend": lambda: [during_weekend(t) for t in times],
-        "tx_during_night": lambda: [during_night(t) for t in times],
+    features = {
+        "amount": [float(row[amount_at]) for row in rows],
+        "tx_during_weekend": [during_weekend(t) for t in times],
+        "tx_during_night": [during_night(t) for t in times],
     }
-    features = {name: per_transaction[name]() for name in TRANSACTION_FEATURES}
     customer_values = [customer[tx_id] for tx_id in ids]
     for k, name in enumerate(CUSTOMER_FEATURES):
         features[name] = [values[k] for values in customer_values]

@@ -198,7 +198,9 @@ def test_kill_9_mid_stream_then_a_restart_sought_back_loses_and_repeats_nothing(
         time.sleep(2)  # the last batch's state reaches Bigtable
         held = _held_transactions(services, table)
     after = [json.loads(m.data) for m in got[len(scored_before) :]]
-    repeated = {insight["transaction_id"] for insight in after} & scored_before
+    after_ids = [insight["transaction_id"] for insight in after]
+    assert len(after_ids) == len(set(after_ids)), "a transaction was scored twice after the restart"
+    repeated = set(after_ids) & scored_before
     assert repeated == out_not_held, "only transactions whose insight was out but not their state are scored again"
     _reconcile([json.loads(m.data) for m in got[: len(scored_before)]] + [i for i in after if i["transaction_id"] not in repeated], reference)
     for insight in after:

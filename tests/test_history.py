@@ -180,15 +180,10 @@ def shuffled(rows, seed):
     return rows
 
 
-def terminal_items(terminal):
-    """What the backfill hands from the terminal core to the customer core."""
-    return [*terminal.features.values(), *((row, None, 0) for row in terminal.repeats)]
-
-
 def examples_of(rows, seed=0):
     """The backfill's two cores over one shard each, inputs in any order."""
     terminal = history.terminal_shard(shuffled(rows, seed + 1))
-    customer, columns = history.customer_examples(shuffled(terminal_items(terminal), seed))
+    customer, columns = history.customer_examples(shuffled(terminal.handed_on(), seed))
     return customer, terminal, columns
 
 
@@ -391,7 +386,7 @@ def test_terminal_then_customer_shards_give_the_examples_of_one_shard(shards):
     by_customer: dict[int, list] = {}
     for shard in range(shards):
         terminal = history.terminal_shard(r for r in rows if history.shard_of(history.terminal_id(r), shards) == shard)
-        for item in terminal_items(terminal):
+        for item in terminal.handed_on():
             by_customer.setdefault(history.shard_of(history.customer_id(item[0]), shards), []).append(item)
     split = [row for items in by_customer.values() for row in history.customer_examples(items)[1].rows()]
     assert sorted(split, key=lambda r: r["transaction_id"]) == sorted(whole, key=lambda r: r["transaction_id"])
