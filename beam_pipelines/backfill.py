@@ -15,8 +15,10 @@ transactions grouped by customer shard get their customer features and become ex
     python -m beam_pipelines.backfill --input history.jsonl --examples_out out/examples
 """
 
+import io
 import json
 import logging
+import pickle
 import sys
 import time
 from typing import NamedTuple
@@ -66,6 +68,51 @@ class BackfillOptions(PipelineOptions):
 
 def _metric(name: str):
     return Metrics.counter("backfill", name)
+
+
+def pack(rows: list | tuple) -> bytes:
+    """A shard's rows (tuples of primitives) as one opaque value for a shuffle.
+
+    Beam's element coder costs about three times as much per row, in the workers and again in
+    the local runner, which decodes and re-encodes every grouped value; bytes pass through as
+    they are. Pickle's memo is off: rows hold no shared or self-referencing objects.
+    """
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.fast = True
+    pickler.dump(rows)
+    return buffer.getvalue()
+
+
+def unpack(parts) -> list:
+    """The rows of every packed part of a grouped shard, in one list."""
+    return [row for part in parts for row in pickle.loads(part)]
+
+
+class ExampleColumnsCoder(beam.coders.Coder):
+    """`history.ExampleColumns` as pickled columns, with a size estimate that does not encode them.
+
+    Beam samples elements to estimate each PCollection's size; without a coder of its own, a
+    shard's columns (a named tuple) fall back to a full pickle for each sample.
+    """
+
+    def encode(self, value: history.ExampleColumns) -> bytes:
+        return pack(tuple(value))
+
+    def decode(self, encoded: bytes) -> history.ExampleColumns:
+        return history.ExampleColumns(*pickle.loads(encoded))
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def estimate_size(self, value: history.ExampleColumns) -> int:
+        if not len(value):
+            return 0
+        ids = sum(len(getattr(value, name)[0]) for name in examples.ID_COLUMNS)
+        return len(value) * (ids + 8 * (len(examples.INT_COLUMNS) + len(value.features)))
+
+
+beam.coders.registry.register_coder(history.ExampleColumns, ExampleColumnsCoder)
 
 
 class SplitFilesFn(beam.DoFn):
@@ -138,7 +185,8 @@ class ParseRangeFn(beam.DoFn):
         if self._progress_file:
             with open(self._progress_file, "a", encoding="utf-8") as progress:
                 progress.write(f"{end - start}\n")
-        yield from by_terminal.items()
+        for shard, rows in by_terminal.items():
+            yield shard, pack(rows)
 
 
 class _StateSaver:
@@ -185,12 +233,13 @@ class TerminalShardFn(_StateSaver, beam.DoFn):
 
     def process(self, element):
         _, parts = element
-        result = history.terminal_shard(row for part in parts for row in part)
+        result = history.terminal_shard(unpack(parts))
         self._save(entity_store.TERMINAL, result.states)
         by_customer: dict[int, list] = {}
         for item in result.handed_on():
             by_customer.setdefault(history.shard_of(history.customer_id(item[0]), self._shards), []).append(item)
-        yield from by_customer.items()
+        for shard, items in by_customer.items():
+            yield shard, pack(items)
 
 
 class CustomerShardFn(_StateSaver, beam.DoFn):
@@ -199,7 +248,7 @@ class CustomerShardFn(_StateSaver, beam.DoFn):
 
     def process(self, element):
         shard, parts = element
-        result, columns = history.customer_examples(item for part in parts for item in part)
+        result, columns = history.customer_examples(unpack(parts))
         _metric("duplicates").inc(result.duplicates)
         self._save(entity_store.CUSTOMER, result.states)
         _metric("examples").inc(len(columns))
@@ -252,7 +301,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> Backfill:
         | "GroupByTerminalShard" >> beam.GroupByKey()
         | "TerminalFeatures" >> beam.ParDo(TerminalShardFn(shards, store))
         | "GroupByCustomerShard" >> beam.GroupByKey()
-        | "CustomerFeaturesAndExamples" >> beam.ParDo(CustomerShardFn(store))
+        | "CustomerFeaturesAndExamples"
+        >> beam.ParDo(CustomerShardFn(store)).with_output_types(tuple[int, history.ExampleColumns])
     )
     files = joined | "WriteExamples" >> beam.ParDo(WriteExamplesFn(args.examples_out, shards))
     rejected = parsed[ParseRangeFn.REJECTED]

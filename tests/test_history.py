@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from beam_pipelines.backfill import lines_in_range
+from beam_pipelines.backfill import ExampleColumnsCoder, lines_in_range, pack, unpack
 from rtml import history
 from rtml.events import Feedback, Transaction, format_timestamp, parse_timestamp, replay_record
 from rtml.features import CUSTOMER_FEATURES, DAY_US, FEATURE_NAMES, HOUR_US, TERMINAL_FEATURES
@@ -390,3 +390,41 @@ def test_terminal_then_customer_shards_give_the_examples_of_one_shard(shards):
             by_customer.setdefault(history.shard_of(history.customer_id(item[0]), shards), []).append(item)
     split = [row for items in by_customer.values() for row in history.customer_examples(items)[1].rows()]
     assert sorted(split, key=lambda r: r["transaction_id"]) == sorted(whole, key=lambda r: r["transaction_id"])
+
+
+# --- what crosses the backfill's shuffles -------------------------------------------------------
+
+
+def test_rows_and_hand_off_items_come_back_from_packed_parts_in_order():
+    rows = history_rows(EVENTS)
+    items = history.terminal_shard(rows).handed_on()
+    for values in (rows, items):
+        assert unpack([pack(values[:3]), pack([]), pack(values[3:])]) == values
+
+
+primitive = st.one_of(st.integers(), st.floats(allow_nan=False), st.text(max_size=6), st.none())
+
+
+@settings(deadline=None)
+@given(st.lists(st.tuples(primitive, st.tuples(primitive, primitive) | st.none(), primitive), max_size=20), st.data())
+def test_pack_then_unpack_gives_the_rows_back_whatever_the_cut(rows, data):
+    shared = rows[:1] * 2  # the same tuple twice: the pickler keeps no memo, so it is written twice
+    cut = data.draw(st.integers(0, len(rows)))
+    assert unpack([pack(shared + rows[:cut]), pack(rows[cut:])]) == shared + rows
+
+
+def test_the_backfills_example_columns_have_a_coder_whose_size_estimate_is_near_the_encoded_size(tmp_path):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_pipelines import backfill
+
+    options = PipelineOptions([f"--input={tmp_path / 'none.jsonl'}", f"--examples_out={tmp_path}", "--no_state"])
+    built = backfill.build(beam.Pipeline(options=options), options)
+    assert isinstance(beam.coders.registry.get_coder(built.examples.element_type).coders()[1], ExampleColumnsCoder)
+    columns = examples_of(history_rows(EVENTS))[2]
+    own = ExampleColumnsCoder()
+    assert own.decode(own.encode(columns)) == columns
+    encoded = len(own.encode(columns))
+    assert encoded / 3 <= own.estimate_size(columns) <= encoded * 3
+    assert own.estimate_size(history.join({}, {})) == 0
