@@ -21,6 +21,7 @@ import logging
 import pickle
 import sys
 import time
+import zlib
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -71,23 +72,30 @@ def _metric(name: str):
 
 
 def pack(rows: list | tuple) -> bytes:
-    """A shard's rows (tuples of primitives) as one opaque value for a shuffle.
+    """A shard's rows (tuples of primitives) as one opaque, compressed value for a shuffle.
 
     As Beam elements, rows are encoded and decoded in the workers and decoded and re-encoded
     again by the local runner for every grouped value; one pickle per part passes through the
-    runner as bytes. Pickle's memo is off, which halves its cost: a shared object is written
-    again, and rows never refer to themselves.
+    runner as bytes, and compressed (zlib's fastest level: a third to a quarter of the bytes) the
+    runner has that much less to move between stages while the workers wait. Pickle's memo is
+    off, which halves its cost: a shared object is written again, and rows never refer to
+    themselves.
     """
     buffer = io.BytesIO()
     pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
     pickler.fast = True
     pickler.dump(rows)
-    return buffer.getvalue()
+    return zlib.compress(buffer.getvalue(), 1)
+
+
+def unpacked(data: bytes):
+    """What `pack` packed."""
+    return pickle.loads(zlib.decompress(data))
 
 
 def unpack(parts) -> list:
     """The rows of every packed part of a grouped shard, in one list."""
-    return [row for part in parts for row in pickle.loads(part)]
+    return [row for part in parts for row in unpacked(part)]
 
 
 class ExampleColumnsCoder(beam.coders.Coder):
@@ -101,7 +109,7 @@ class ExampleColumnsCoder(beam.coders.Coder):
         return pack(tuple(value))
 
     def decode(self, encoded: bytes) -> history.ExampleColumns:
-        return history.ExampleColumns(*pickle.loads(encoded))
+        return history.ExampleColumns(*unpacked(encoded))
 
     def is_deterministic(self) -> bool:
         return False
