@@ -5,9 +5,10 @@ offset of the line), and hashes entities into shards. Each shard is processed he
 sorted by publication order, one `CustomerState` or `TerminalState` per entity, exactly as the
 streaming DoFns would see them arriving in that order.
 
-Events travel between stages as flat tuples of primitives (Beam encodes those an order of
-magnitude faster than named tuples): a transaction row is `(file, offset, *Transaction)` and a
-feedback row is `(file, offset, *Feedback)`; rows sort by publication order as they are.
+Events travel between stages as flat tuples of primitives, which encode far faster than named
+tuples (the backfill packs each shard's part into one compressed pickle): a transaction row is
+`(file, offset, *Transaction)` and a feedback row is `(file, offset, *Feedback)`; rows sort by
+publication order as they are.
 """
 
 from __future__ import annotations
