@@ -15,6 +15,8 @@ transactions grouped by customer shard get their customer features and become ex
     python -m beam_pipelines.backfill --input history.jsonl --examples_out out/examples
 """
 
+import contextlib
+import gc
 import io
 import json
 import logging
@@ -97,6 +99,24 @@ def unpacked(data: bytes):
 def unpack(parts) -> list:
     """The rows of every packed part of a grouped shard, in one list."""
     return [row for part in parts for row in unpacked(part)]
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused():
+    """Python's cyclic garbage collector off while a shard is computed, then on again if it was.
+
+    A shard builds hundreds of thousands of lists and tuples that live until it ends, and every
+    collection of the oldest generation walks all of them: the terminal core took 6.0 us per
+    row with the collector on and 3.8 us with it off. The shard's data holds no reference cycles,
+    so reference counting frees it all the same.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class ExampleColumnsCoder(beam.coders.Coder):
@@ -243,13 +263,14 @@ class TerminalShardFn(_StateSaver, beam.DoFn):
 
     def process(self, element):
         _, parts = element
-        result = history.terminal_shard(unpack(parts))
-        self._save(entity_store.TERMINAL, result.states)
-        by_customer: dict[int, list] = {}
-        for item in result.handed_on():
-            by_customer.setdefault(history.shard_of(history.customer_id(item[0]), self._shards), []).append(item)
-        for shard, items in by_customer.items():
-            yield shard, pack(items)
+        with cyclic_gc_paused():
+            result = history.terminal_shard(unpack(parts))
+            self._save(entity_store.TERMINAL, result.states)
+            by_customer: dict[int, list] = {}
+            for item in result.handed_on():
+                by_customer.setdefault(history.shard_of(history.customer_id(item[0]), self._shards), []).append(item)
+            packed = [(shard, pack(items)) for shard, items in by_customer.items()]
+        yield from packed
 
 
 class CustomerShardFn(_StateSaver, beam.DoFn):
@@ -258,9 +279,10 @@ class CustomerShardFn(_StateSaver, beam.DoFn):
 
     def process(self, element):
         shard, parts = element
-        result, columns = history.customer_examples(unpack(parts))
+        with cyclic_gc_paused():
+            result, columns = history.customer_examples(unpack(parts))
+            self._save(entity_store.CUSTOMER, result.states)
         _metric("duplicates").inc(result.duplicates)
-        self._save(entity_store.CUSTOMER, result.states)
         _metric("examples").inc(len(columns))
         _metric("fraud_examples").inc(sum(columns.label))
         yield shard, columns
@@ -277,7 +299,9 @@ class WriteExamplesFn(beam.DoFn):
         shard, columns = element
         name = f"examples-{shard:05d}-of-{self._shards:05d}{examples.FILE_SUFFIX}"
         path = FileSystems.join(self._directory, name)
-        yield path, examples.write_file(path, examples.encode_columns(columns) if len(columns) else [])
+        with cyclic_gc_paused():
+            written = examples.write_file(path, examples.encode_columns(columns) if len(columns) else [])
+        yield path, written
 
 
 class Backfill(NamedTuple):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import random
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from beam_pipelines.backfill import ExampleColumnsCoder, lines_in_range, pack, unpack
+from beam_pipelines.backfill import ExampleColumnsCoder, cyclic_gc_paused, lines_in_range, pack, unpack
 from rtml import history
 from rtml.events import Feedback, Transaction, format_timestamp, parse_timestamp, replay_record
 from rtml.features import CUSTOMER_FEATURES, DAY_US, FEATURE_NAMES, HOUR_US, TERMINAL_FEATURES
@@ -428,3 +429,18 @@ def test_the_backfills_example_columns_have_a_coder_whose_size_estimate_is_near_
     encoded = len(own.encode(columns))
     assert encoded / 3 <= own.estimate_size(columns) <= encoded * 3
     assert own.estimate_size(history.join({}, {})) == 0
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_collector_is_off_while_a_shard_is_computed_and_back_as_it_was_after(enabled):
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        with cyclic_gc_paused():
+            assert not gc.isenabled()
+        assert gc.isenabled() is enabled
+        with pytest.raises(ValueError, match="inside"), cyclic_gc_paused():
+            raise ValueError("inside")
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()
