@@ -194,7 +194,22 @@ class ParseRangeFn(beam.DoFn):
 
     def process(self, byte_range):
         index, path, start, end = byte_range
+        with cyclic_gc_paused():
+            packed, rejected, counts = self._parse(index, path, start, end)
+        for row in rejected:
+            _metric(f"rejected_{row.kind}").inc()
+            yield beam.pvalue.TaggedOutput(self.REJECTED, row)
+        for name, count in counts.items():
+            _metric(name).inc(count)
+        if self._progress_file:
+            with open(self._progress_file, "a", encoding="utf-8") as progress:
+                progress.write(f"{end - start}\n")
+        yield from packed
+
+    def _parse(self, index: int, path: str, start: int, end: int):
+        """The range's rows packed per terminal shard, its rejected lines, and its counts."""
         by_terminal: dict[int, list] = {}
+        rejected: list[history.Rejected] = []
         transactions = feedback = lines = 0
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             for offset, raw in lines_in_range(handle, start, end):
@@ -203,22 +218,15 @@ class ParseRangeFn(beam.DoFn):
                 if row is None:
                     continue
                 if isinstance(row, history.Rejected):
-                    _metric(f"rejected_{row.kind}").inc()
-                    yield beam.pvalue.TaggedOutput(self.REJECTED, row)
+                    rejected.append(row)
                     continue
                 by_terminal.setdefault(history.shard_of(history.terminal_id(row), self._shards), []).append(row)
                 if history.is_transaction(row):
                     transactions += 1
                 else:
                     feedback += 1
-        _metric("lines").inc(lines)
-        _metric("transactions").inc(transactions)
-        _metric("feedback").inc(feedback)
-        if self._progress_file:
-            with open(self._progress_file, "a", encoding="utf-8") as progress:
-                progress.write(f"{end - start}\n")
-        for shard, rows in by_terminal.items():
-            yield shard, pack(rows)
+        packed = [(shard, pack(rows)) for shard, rows in by_terminal.items()]
+        return packed, rejected, {"lines": lines, "transactions": transactions, "feedback": feedback}
 
 
 class _StateSaver:

@@ -444,3 +444,55 @@ def test_the_collector_is_off_while_a_shard_is_computed_and_back_as_it_was_after
         assert gc.isenabled() is enabled
     finally:
         gc.enable() if was else gc.disable()
+
+
+def test_the_backfill_writes_every_rejected_line_once_with_its_kind_and_counts_every_line(tmp_path):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_pipelines import backfill
+    from beam_pipelines import options as opts
+
+    events = [tx(f"tx{i}", T0 + i * HOUR_US, f"C{i % 3}", f"T{i % 2}", 10 + i) for i in range(8)]
+    events.append(fb("tx2", T0 + 2 * HOUR_US, T0 + 3 * DAY_US, "C2", "T0"))
+    bad = [
+        (b"{not json\n", "not_json"),
+        (b'{"kind": "refund", "event": {}}\n', "not_replay_line"),
+        (line({"kind": "transaction", "event": {**TX_EVENT, "amount": -1}}), "negative_amount"),
+    ]
+    data, expected, position = b"", [], 0
+    for i, event in enumerate(events):
+        if i % 3 == 1 and bad:
+            raw, kind = bad.pop(0)
+            expected.append({"input": 1, "byte_offset": position, "kind": kind})
+            data, position = data + raw, position + len(raw)
+        raw = line(replay_record(event)) + (b"\n" if i == 4 else b"")  # and a blank line, which is skipped
+        data, position = data + raw, position + len(raw)
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_bytes(b"")
+    second.write_bytes(data)
+    out = tmp_path / "out"
+    argv = [f"--input={first}", f"--input={second}", f"--examples_out={out}", "--no_state", "--shards=2"]
+    options = PipelineOptions(argv + ["--direct_num_workers=1", "--direct_running_mode=in_memory"])
+    opts.prepare_local_run(options, streaming=False)
+    pipeline = beam.Pipeline(options=options)
+    backfill.build(pipeline, options)
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    records = [json.loads(raw) for raw in (out / "rejected.jsonl").read_text().splitlines()]
+    assert (
+        sorted(
+            ({key: r[key] for key in ("input", "byte_offset", "kind")} for r in records), key=lambda r: r["byte_offset"]
+        )
+        == expected
+    )
+    assert all(r["error"] for r in records)
+    totals = backfill.summary(result)
+    assert totals["lines"] == len(events) + len(expected) + 1
+    assert (totals["transactions"], totals["feedback"], totals["examples"]) == (8, 1, 8)
+    assert {name: n for name, n in totals.items() if name.startswith("rejected_")} == {
+        "rejected_not_json": 1,
+        "rejected_not_replay_line": 1,
+        "rejected_negative_amount": 1,
+    }
