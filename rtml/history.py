@@ -216,16 +216,13 @@ def join(customer: dict[str, tuple], terminal: dict[str, tuple]) -> ExampleColum
     joined = sorted(
         (value[0][_TX["event_time_us"]], tx_id, value) for tx_id, value in terminal.items() if tx_id in customer
     )
-    times = list(map(itemgetter(0), joined))
-    ids = list(map(itemgetter(1), joined))
-    values = list(map(itemgetter(2), joined))
-    rows = list(map(itemgetter(0), values))
-    terminal_values = list(map(itemgetter(1), values))
-    customer_values = list(map(customer.__getitem__, ids))
 
     def column(source: list, at: int) -> list:
         return list(map(itemgetter(at), source))
 
+    times, ids, values = column(joined, 0), column(joined, 1), column(joined, 2)
+    rows, terminal_values = column(values, 0), column(values, 1)
+    customer_values = list(map(customer.__getitem__, ids))
     features = {
         "amount": list(map(float, column(rows, _TX["amount"]))),
         "tx_during_weekend": list(map(during_weekend, times)),
