@@ -25,12 +25,12 @@ from beam_pipelines import options as opts
 from rtml import config, events
 from transforms.features import ComputedFeatures, ComputeFeatures, FeaturedTransaction
 from transforms.outcomes import DEAD_LETTER, PublishOutcomes, outcome
-from transforms.validation import InputEvents, ReadEvents, dead_letter_outcome
+from transforms.validation import InputEvents, ReadEvents
 
 
 class FeaturizePipeline(NamedTuple):
     featured: beam.PCollection
-    dead_letters: beam.PCollection
+    dead_letters: tuple[beam.PCollection, ...]  # per source
 
 
 def feature_record(item: FeaturedTransaction) -> dict:
@@ -43,26 +43,25 @@ def feature_message(item) -> PubsubMessage:
     return PubsubMessage(data, {"transaction_id": item.transaction.transaction_id})
 
 
-def read_and_featurize(pipeline: beam.Pipeline, options: PipelineOptions):
+def read_and_featurize(pipeline: beam.Pipeline, options: PipelineOptions, emit=None):
     """The front half shared with scoring: Pub/Sub -> validation -> features.
 
     Returns `(io options, InputEvents, ComputedFeatures)`; step labels are the same in both
-    pipelines (ReadEvents, ComputeFeatures).
+    pipelines (ReadEvents, ComputeFeatures). `emit`: see `ComputeFeatures`.
     """
     io = opts.resolve_streaming_io(options)
     store = opts.store_config(options)
     inputs = pipeline | "ReadEvents" >> ReadEvents(
         io.transactions_subscription, io.feedback_subscription, io.id_label, io.timestamp_attribute
     )
-    computed = (inputs.transactions, inputs.feedback) | "ComputeFeatures" >> ComputeFeatures(store)
+    computed = (inputs.transactions, inputs.feedback) | "ComputeFeatures" >> ComputeFeatures(store, emit)
     return io, inputs, computed
 
 
 def input_outcomes(inputs: InputEvents, computed: ComputedFeatures) -> list[beam.PCollection]:
     """What the front half owes besides the transactions' results, as keyed outcomes for
     `publish_outcomes`: validation's dead letters, and fraud reports' state cells."""
-    dead_letters = inputs.dead_letters | "DeadLetterOutcomes" >> beam.Map(dead_letter_outcome)
-    return [dead_letters, computed.feedback_state]
+    return [*inputs.dead_letter_outcomes, computed.feedback_state]
 
 
 FEATURES = "features"  # the outcome kind of this pipeline

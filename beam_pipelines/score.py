@@ -26,11 +26,9 @@ from apache_beam.runners.runner import PipelineResult
 from beam_pipelines import options as opts
 from beam_pipelines.featurize import input_outcomes, publish_outcomes, read_and_featurize
 from rtml import config, drift, health
-from transforms.health import MonitorModel, health_message
-from transforms.outcomes import DEAD_LETTER, outcome
-from transforms.scoring import INSIGHT, FraudModelHandler, ScoreTransactions
-
-HEALTH = "health"  # the outcome kind of health records
+from transforms.health import HEALTH, MonitorModel
+from transforms.outcomes import DEAD_LETTER
+from transforms.scoring import INSIGHT, FraudModelHandler, ScoreTransactions, to_scoring_example
 
 
 class ScoreOptions(PipelineOptions):
@@ -97,9 +95,9 @@ class ScoreOptions(PipelineOptions):
 
 
 class ScorePipeline(NamedTuple):
-    featured: beam.PCollection  # FeaturedTransaction
+    examples: beam.PCollection  # (transaction_id, ScoringExample): featured transactions keyed for inference
     insights: beam.PCollection  # insight dicts, as published
-    dead_letters: beam.PCollection  # (error_kind, record), validation and inference
+    dead_letters: tuple[beam.PCollection, ...]  # (error_kind, record), validation's and scoring's, unflattened
     health: beam.PCollection | None  # health record dicts (None with --no_health)
 
 
@@ -135,7 +133,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
     model_dir = check(options)
     args = options.view_as(ScoreOptions)
     output_topic = opts.resolve_output_topic(options, config.INSIGHTS_TOPIC)
-    io, inputs, computed = read_and_featurize(pipeline, options)
+    # The feature step keys each transaction for inference itself, saving a step (see ComputeFeatures).
+    io, inputs, computed = read_and_featurize(pipeline, options, emit=to_scoring_example)
     by_side_input = args.model_updates == "side_input"
     handler = FraudModelHandler(
         model_dir,
@@ -144,22 +143,26 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
         max_batch_duration_secs=args.inference_max_batch_duration_secs or None,
     )
     scored = computed.transactions | "ScoreTransactions" >> ScoreTransactions(
-        handler, model_dir, side_input_poll_secs=args.model_poll_secs if by_side_input else None
+        handler,
+        model_dir,
+        side_input_poll_secs=args.model_poll_secs if by_side_input else None,
+        observe=not args.no_health,
+        keyed=True,
     )
     # Every message goes out through one publishing step (transforms.outcomes): insights, the
     # dead letters of validation and of scoring, fraud reports' state cells, health records.
-    results = [scored.outcomes, *input_outcomes(inputs, computed)]
+    results = [*scored.outcomes, *input_outcomes(inputs, computed)]
     topics = {INSIGHT: output_topic, DEAD_LETTER: io.dead_letter_topic}
     health_records = None
     if not args.no_health:
         topics[HEALTH] = args.health_topic or config.topic_path(opts.project_of(options), config.HEALTH_TOPIC)
-        health_records = (scored.observations, inputs.feedback) | "MonitorModel" >> MonitorModel(
+        monitored = (scored.observations, inputs.feedback) | "MonitorModel" >> MonitorModel(
             model_dir, args.health_window_secs, args.health_period_secs, args.psi_threshold, args.health_min_events
         )
-        results.append(health_records | "HealthOutcomes" >> beam.Map(lambda record: outcome(HEALTH, health_message(record), ())))
+        health_records = monitored.records
+        results.append(monitored.outcomes)
     _ = tuple(results) | "PublishResults" >> publish_outcomes(options, topics)
-    dead_letters = (inputs.dead_letters, scored.dead_letters) | "FlattenDeadLetters" >> beam.Flatten()
-    return ScorePipeline(computed.transactions, scored.insights, dead_letters, health_records)
+    return ScorePipeline(computed.transactions, scored.insights, (*inputs.dead_letters, *scored.dead_letters), health_records)
 
 
 def run(argv: list[str] | None = None) -> PipelineResult:

@@ -25,7 +25,7 @@ from transforms.validation import ReadEvents, WriteDeadLetters
 class ValidatePipeline(NamedTuple):
     transactions: beam.PCollection
     feedback: beam.PCollection
-    dead_letters: beam.PCollection
+    dead_letters: tuple[beam.PCollection, ...]  # per source
 
 
 def event_message(event: events.Transaction | events.Feedback) -> PubsubMessage:

@@ -95,6 +95,7 @@ def _full_chain(pipeline, payloads, store, model_dir):
     # No Pub/Sub in a batch chain: each insight's state cells are written as the stream writes them after publishing.
     _ = (
         scored.outcomes
+        | "FlattenOutcomes" >> beam.Flatten()
         | "StateCells" >> beam.FlatMap(lambda keyed: [(key, [cell]) for key, cell in keyed[1].cells])
         | "WriteEntityCells" >> WriteEntityCells(store, max_buffering_secs=None)  # batch: by count only
     )

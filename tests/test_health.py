@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from models import decisions, loader
 from models.features import RAW_FEATURES
 from rtml import drift, events, examples, health
-from transforms.health import MonitorModel
+from transforms.health import HEALTH, MonitorModel, ObserveFn
 
 DAY_US = 86_400 * 1_000_000
 
@@ -219,10 +219,15 @@ def _latency(i: int) -> float:
 
 
 _COLLECTED: list[dict] = []  # the in-process streaming DirectRunner calls `_collect` by reference
+_PUBLISHED: list = []  # the records' keyed outcomes, as MonitorModel hands them to publishing
 
 
 def _collect(record: dict) -> None:
     _COLLECTED.append(record)
+
+
+def _collect_outcome(keyed_outcome) -> None:
+    _PUBLISHED.append(keyed_outcome[1])
 
 
 def _run_health(insights: list[dict], feedback: list[events.Feedback], model_dir: str, period: float = 60.0) -> dict:
@@ -242,14 +247,24 @@ def _run_health(insights: list[dict], feedback: list[events.Feedback], model_dir
         .advance_watermark_to_infinity()
     )
     _COLLECTED.clear()
+    _PUBLISHED.clear()
     options = PipelineOptions(runner="BundleBasedDirectRunner")
     options.view_as(StandardOptions).streaming = True
     with beam.Pipeline(options=options) as pipeline:
         inputs = pipeline | stream
-        out = (inputs["observations"], inputs["feedback"]) | MonitorModel(model_dir, window_secs=600, period_secs=period)
-        _ = out | beam.Map(_collect)
+        observed = inputs["observations"] | beam.ParDo(ObserveFn(model_dir))
+        out = (observed, inputs["feedback"]) | MonitorModel(model_dir, window_secs=600, period_secs=period)
+        _ = out.records | "CollectRecords" >> beam.Map(_collect)
+        _ = out.outcomes | "CollectOutcomes" >> beam.Map(_collect_outcome)
     versions = {record["model_version"] for record in _COLLECTED}
     assert len(versions) == 1 and 1 <= len(_COLLECTED) <= 3, _COLLECTED
+    # Each record goes to publishing once, as its own JSON, with the version and alarm attributes.
+    assert len(_PUBLISHED) == len(_COLLECTED)
+    assert all(item.kind == HEALTH and item.cells == () for item in _PUBLISHED)
+    as_published = sorted(json.dumps(json.loads(item.data), sort_keys=True) for item in _PUBLISHED)
+    assert as_published == sorted(json.dumps(record, sort_keys=True) for record in _COLLECTED)
+    assert {item.attributes["model_version"] for item in _PUBLISHED} == versions
+    assert {item.attributes["alarm"] for item in _PUBLISHED} == {health.alarm(record) for record in _COLLECTED}
     return _COLLECTED[-1]
 
 

@@ -87,9 +87,9 @@ def test_short_pull_client_caps_the_pull_deadline_and_delegates_the_rest():
 
     client = opts._ShortPullClient(Recorder())
     assert client.pull(subscription="s", max_messages=10, timeout=30) == "response"
-    assert client.pull(subscription="s", max_messages=10, timeout=0.5) == "response"
+    assert client.pull(subscription="s", max_messages=10, timeout=0.2) == "response"
     assert client.pull(subscription="s") == "response"
-    assert calls == [opts.EMULATOR_PULL_DEADLINE_S, 0.5, opts.EMULATOR_PULL_DEADLINE_S]
+    assert calls == [opts.EMULATOR_PULL_DEADLINE_S, 0.2, opts.EMULATOR_PULL_DEADLINE_S]
     assert client.acknowledge(subscription="s", ack_ids=[]) == "acked"
 
 

@@ -2,17 +2,19 @@
 
 import json
 
+import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
-from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import assert_that, equal_to
 
 from models import decisions, loader
 from models.features import RAW_FEATURES
 from rtml import events, examples
 from transforms.features import FeaturedTransaction
+from transforms.health import HEALTH_KEY
 from transforms.scoring import (
     DEAD_LETTER,
     FEATURES_ERROR_KIND,
@@ -104,12 +106,27 @@ def test_teststream_transactions_get_the_models_scores_decisions_and_reasons(tra
                 tx_id = json.loads(o.data)["transaction_id"]
                 assert o.attributes["transaction_id"] == tx_id and o.cells == ((f"row-of-{tx_id}".encode(), "cell"),)
 
+    def check_observations(observed):
+        # For model health: a scored event per insight, keyed by customer, and each bundle's
+        # window stats counting every insight once (the dead letter is not an insight).
+        scored_events = [(customer, event) for customer, event in observed if customer != HEALTH_KEY]
+        assert sorted(event[1] for _, event in scored_events) == sorted(expected)
+        for customer, (tag, tx_id, model_version, decision, event_us) in scored_events:
+            source = expected[tx_id][3].transaction
+            assert tag == "scored" and model_version == version and decision == expected[tx_id][1]
+            assert customer == source.customer_id and event_us == source.event_time_us
+        stats = [event[1] for key, event in observed if key == HEALTH_KEY and event[0] == "stats"]
+        assert stats and sum(by_version[version].events for by_version in stats) == len(expected)
+        assert sum(sum(s[version].decisions.values()) for s in stats) == len(expected)
+
     with TestPipeline(options=options) as pipeline:
         handler = FraudModelHandler(str(trained.model_dir), poll_secs=None, max_batch_size=8)
-        scored = pipeline | stream | ScoreTransactions(handler, str(trained.model_dir))
+        scored = pipeline | stream | ScoreTransactions(handler, str(trained.model_dir), observe=True)
         assert_that(scored.insights, check_insights, label="CheckInsights")
-        assert_that(scored.dead_letters, check_dead_letters, label="CheckDeadLetters")
-        assert_that(scored.outcomes, check_outcomes, label="CheckOutcomes")
+        dead_letters = scored.dead_letters | "FlattenDeadLetters" >> beam.Flatten()
+        assert_that(dead_letters, check_dead_letters, label="CheckDeadLetters")
+        assert_that(scored.outcomes | "FlattenOutcomes" >> beam.Flatten(), check_outcomes, label="CheckOutcomes")
+        assert_that(scored.observations, check_observations, label="CheckObservations")
 
 
 class ExplodingHandler(FraudModelHandler):
@@ -143,7 +160,9 @@ def test_a_failing_inference_batch_becomes_dead_letters_and_the_stream_goes_on(t
         handler = ExplodingHandler(str(trained.model_dir), poll_secs=None, max_batch_size=1)
         scored = pipeline | stream.advance_watermark_to_infinity() | ScoreTransactions(handler, str(trained.model_dir))
         assert_that(scored.insights, check_insights, label="CheckInsights")
-        assert_that(scored.dead_letters, check_dead_letters, label="CheckDeadLetters")
+        dead_letters = scored.dead_letters | "FlattenDeadLetters" >> beam.Flatten()
+        assert_that(dead_letters, check_dead_letters, label="CheckDeadLetters")
+        assert_that(scored.observations, equal_to([]), label="NotObserving")  # health off: nothing for it
 
 
 def test_a_refused_newest_version_does_not_hide_a_valid_one_published_before_it(trained, tmp_path):

@@ -96,10 +96,8 @@ DRY_RUNS = (
             "ReadEvents",
             "ComputeFeatures",
             "ScoreTransactions",
-            "DeadLetterOutcomes",
             "MonitorModel",
             "PublishResults",
-            "FlattenDeadLetters",
         ),
     ),
     DryRun(
@@ -116,7 +114,6 @@ DRY_RUNS = (
             "ReadEvents",
             "ComputeFeatures",
             "ToMessage",
-            "DeadLetterOutcomes",
             "PublishFeatures",
         ),
     ),

@@ -10,6 +10,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from rtml import events
+from transforms import outcomes
 from transforms.validation import ValidateMessages, dead_letter_message
 
 GOOD = [
@@ -55,6 +56,18 @@ def test_validate_messages_yields_typed_events_and_one_dead_letter_per_bad_messa
             assert record["error"]
 
     assert_that(validated.dead_letters, check_dead_letters, label="DeadLetters")
+
+    def check_outcomes(actual):
+        # The same dead letters as the keyed outcomes publishing takes: one each, with no state cells.
+        items = [item for _, item in actual]
+        assert all(item.kind == outcomes.DEAD_LETTER and item.cells == () for item in items)
+        assert sorted(item.attributes["error_kind"] for item in items) == sorted(BAD.values())
+        for item in items:
+            record = json.loads(item.data)
+            assert BAD[base64.b64decode(record["payload_base64"])] == item.attributes["error_kind"]
+            assert item.attributes["source"] == record["source"] == "transactions"
+
+    assert_that(validated.outcomes, check_outcomes, label="Outcomes")
     result = pipeline.run()
     result.wait_until_finish()
     assert counter(result, "transactions_valid") == 3

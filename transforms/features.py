@@ -27,6 +27,7 @@ import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.utils.timestamp import Timestamp
 
 from rtml import entity_store as store
 from rtml import events
@@ -213,15 +214,16 @@ class TerminalFeaturesFn(_EntityFn):
 
     ENTITY = ReadModifyWriteStateSpec("terminal", PickleCoder())
 
-    def __init__(self, config: StoreConfig):
+    def __init__(self, config: StoreConfig, emit: Callable[[FeaturedTransaction, Timestamp], Any] | None = None):
         super().__init__(config, store.TERMINAL)
+        self._emit = emit
 
     def setup(self):
         super().setup()
         self._feedback = _counter("feedback_applied")
         self._held = _counter("transactions_already_at_terminal")
 
-    def process(self, element, entity=beam.DoFn.StateParam(ENTITY)):
+    def process(self, element, entity=beam.DoFn.StateParam(ENTITY), timestamp=beam.DoFn.TimestampParam):
         terminal_id, (kind, payload) = element
         if kind == "fb":
             payload, _, row = payload
@@ -248,7 +250,8 @@ class TerminalFeaturesFn(_EntityFn):
         else:
             entity.write(state)
             cells = (customer_cell, (key, _entry_cell(tx)))
-        yield FeaturedTransaction(tx, _all_features(tx, customer_features, terminal_features), cells)
+        featured = FeaturedTransaction(tx, _all_features(tx, customer_features, terminal_features), cells)
+        yield featured if self._emit is None else self._emit(featured, timestamp)
 
 
 def _entry_cell(tx) -> store.Cell:
@@ -263,16 +266,23 @@ def _all_features(tx, customer_features: dict, terminal_features: dict) -> dict:
 
 
 class ComputedFeatures(NamedTuple):
-    transactions: beam.PCollection  # FeaturedTransaction, carrying its own state cells
+    transactions: beam.PCollection  # FeaturedTransaction, carrying its own state cells (or what `emit` makes of it)
     feedback_state: beam.PCollection  # keyed outcomes with the cells of fraud reports, for `PublishOutcomes`
 
 
 class ComputeFeatures(beam.PTransform):
-    """Transactions and feedback -> featured transactions (with their state cells), plus feedback's state cells."""
+    """Transactions and feedback -> featured transactions (with their state cells), plus feedback's state cells.
 
-    def __init__(self, config: StoreConfig):
+    `emit(featured, timestamp)`, if given, is what the terminal step outputs for each featured
+    transaction instead (the element's timestamp is its publish time on a stream): the first
+    transform of what comes next, done here rather than in a step of its own, since the local
+    runner runs every step once per bundle.
+    """
+
+    def __init__(self, config: StoreConfig, emit: Callable[[FeaturedTransaction, Timestamp], Any] | None = None):
         super().__init__()
         self._config = config
+        self._emit = emit
 
     def expand(self, inputs):
         transactions, feedback = inputs
@@ -291,9 +301,9 @@ class ComputeFeatures(beam.PTransform):
             (customers, reports)
             | "MergeTerminalInputs" >> beam.Flatten()
             | "TerminalFeatures"
-            >> beam.ParDo(TerminalFeaturesFn(self._config))
+            >> beam.ParDo(TerminalFeaturesFn(self._config, self._emit))
             .with_input_types(tuple[str, Any])  # str keys: a deterministic key coder for the state
-            .with_output_types(FeaturedTransaction)
+            .with_output_types(FeaturedTransaction if self._emit is None else Any)
             .with_outputs(FEEDBACK_STATE_TAG, main="featured")
         )
         return ComputedFeatures(terminals.featured, terminals[FEEDBACK_STATE_TAG])

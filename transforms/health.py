@@ -1,13 +1,15 @@
 """Model health in the scoring pipeline: drift, delayed labels and service figures per window.
 
-    observations --ObserveFn--> per bundle: counts and feature bins per version ----------.
-                                per insight: (customer, scored) --.                        |
-    feedback --(customer, report)---------------------------------+--> LabelJoinFn --------+--> HealthFn --> records
-                                                                       (fraud label         (one key; a processing-
-                                                                        changes)             time timer every period)
+    insights --Observer--> per bundle: counts and feature bins per version ------------------.
+    (in AssembleInsightFn,  per insight: (customer, scored) --.                               |
+     or ObserveFn)                                             |                               |
+    feedback --(customer, report)------------------------------+--> LabelJoinFn -------------+--> HealthFn --> records
+                                                                    (fraud label               (one key; a processing-     and their
+                                                                     changes)                   time timer every period)   outcomes
 
-The window stats pass through `LabelJoinFn` unchanged, so that `HealthFn` has one input: the
-local runner runs a step once per bundle of each input, empty bundles included.
+The window stats pass through `LabelJoinFn` unchanged, so that `HealthFn` has one input, and
+the scoring pipeline observes its insights in the step that makes them: the local runner runs
+a step once per bundle of each input, empty bundles included.
 
 `HealthFn` keeps per-period buckets of `rtml.health.WindowStats` and, every `period_secs` of
 processing time, publishes one record per model version seen in the last `window_secs` (the
@@ -22,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -36,10 +38,13 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from models import loader
 from rtml import drift, events, health
+from transforms import outcomes
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "health"
 HEALTH_KEY = "health"
+HEALTH = "health"  # the outcome kind of health records
+OUTCOMES = "outcomes"
 DAY_US = 86_400 * 1_000_000
 # How long a customer's scored transactions wait for fraud feedback in the label join, by event
 # time: the longest feature window plus the feedback delay, with margin.
@@ -73,30 +78,56 @@ class References:
         return self._known[version]
 
 
-class ObserveFn(beam.DoFn):
-    """(insight, latency in ms) -> `(customer_id, ("scored", ...))` per insight, for the label
-    join, and one `(HEALTH_KEY, ("stats", {version: WindowStats}))` per bundle."""
+class Observer:
+    """Observes insights for model health, a bundle at a time: the window stats per model
+    version of the bundle's insights, and each insight's scored event for the label join."""
 
     def __init__(self, model_dir: str):
         self._model_dir = model_dir
-
-    def setup(self):
-        self._references = References.shared(self._model_dir)
-
-    def start_bundle(self):
+        self._references: References | None = None
         self._stats: dict[str, health.WindowStats] = {}
 
-    def process(self, observed: tuple[dict, float]):
-        insight, latency_ms = observed
+    def setup(self) -> None:
+        self._references = References.shared(self._model_dir)
+
+    def start_bundle(self) -> None:
+        self._stats = {}
+
+    def observe(self, insight: dict, latency_ms: float) -> tuple[str, tuple]:
+        """Count the insight in its version's stats; returns its `(customer_id, ("scored", ...))`."""
         observation = health.Observation.from_insight(insight, latency_ms)
         version = observation.model_version
         self._stats.setdefault(version, health.WindowStats()).add(observation, self._references.get(version))
-        yield scored_event(insight)
+        return scored_event(insight)
+
+    def finish_bundle(self) -> WindowedValue | None:
+        """The bundle's `(HEALTH_KEY, ("stats", {version: WindowStats}))`, or None if it saw no insight."""
+        if not self._stats:
+            return None
+        return WindowedValue((HEALTH_KEY, ("stats", self._stats)), Timestamp.of(time.time()), [GlobalWindow()])
+
+
+class ObserveFn(beam.DoFn):
+    """(insight, latency in ms) -> what `MonitorModel` takes: `(customer_id, ("scored", ...))`
+    per insight and one `(HEALTH_KEY, ("stats", {version: WindowStats}))` per bundle. The
+    scoring pipeline does the same inside `AssembleInsightFn`, saving a step."""
+
+    def __init__(self, model_dir: str):
+        self._observer = Observer(model_dir)
+
+    def setup(self):
+        self._observer.setup()
+
+    def start_bundle(self):
+        self._observer.start_bundle()
+
+    def process(self, observed: tuple[dict, float]):
+        yield self._observer.observe(*observed)
 
     def finish_bundle(self):
-        if self._stats:
-            now = Timestamp.of(time.time())
-            yield WindowedValue((HEALTH_KEY, ("stats", self._stats)), now, [GlobalWindow()])
+        stats = self._observer.finish_bundle()
+        if stats is not None:
+            yield stats
 
 
 def scored_event(insight: dict) -> tuple[str, tuple]:
@@ -145,7 +176,8 @@ class LabelJoinFn(beam.DoFn):
 
 
 class HealthFn(beam.DoFn):
-    """One key: per-period buckets of window stats and cumulative label tallies; a record per version each period."""
+    """One key: per-period buckets of window stats and cumulative label tallies; a record per
+    version each period, and (`OUTCOMES` output) the same record as the keyed outcome to publish."""
 
     STATE = ReadModifyWriteStateSpec("health", PickleCoder())
     TICK = TimerSpec("tick", TimeDomain.REAL_TIME)
@@ -229,6 +261,7 @@ class HealthFn(beam.DoFn):
                 self._alarms.inc()
                 _LOG.warning("model %s drift: %s", version, ", ".join(f"{n} PSI {record['psi'][n]:.3f}" for n in record["drifted"]))
             yield record
+            yield beam.pvalue.TaggedOutput(OUTCOMES, outcomes.outcome(HEALTH, health_message(record), ()))
         tick.set(Timestamp.of((end_bucket + 1) * self._period))
         state.write(current)
 
@@ -238,26 +271,32 @@ def health_message(record: dict) -> PubsubMessage:
     return PubsubMessage(data, {"model_version": record["model_version"], "alarm": health.alarm(record)})
 
 
-class MonitorModel(beam.PTransform):
-    """(observations, validated feedback) -> health records (dicts), one per version every period.
+class Monitored(NamedTuple):
+    records: beam.PCollection  # health record dicts
+    outcomes: beam.PCollection  # the same, as keyed transforms.outcomes.Outcome to publish
 
-    `observations` are `AssembleInsightFn`'s: (insight, publish-to-emit latency in ms).
+
+class MonitorModel(beam.PTransform):
+    """(observed insights, validated feedback) -> health records, one per version every period.
+
+    `observed` is what `Observer` makes of the insights (`ObserveFn`'s output; the scoring
+    pipeline's `AssembleInsightFn` makes it too): a scored event per insight and the window
+    stats per bundle.
     """
 
     def __init__(self, model_dir: str, window_secs: float = 600.0, period_secs: float = 60.0, psi_threshold: float = drift.PSI_ALERT, min_events: int = health.DEFAULT_MIN_EVENTS):
         super().__init__()
         self._health = HealthFn(model_dir, window_secs, period_secs, psi_threshold, min_events)
-        self._model_dir = model_dir
 
-    def expand(self, inputs):
-        observations, feedback = inputs
+    def expand(self, inputs) -> Monitored:
+        observed, feedback = inputs
         # Typed (str key, value) pairs all the way: the stateful steps need a deterministic key coder.
         keyed = tuple[str, Any]
-        observed = observations | "Observe" >> beam.ParDo(ObserveFn(self._model_dir)).with_output_types(keyed)
         reports = feedback | "ReportsByCustomer" >> beam.Map(report_event).with_output_types(keyed)
-        return (
+        health_records = (
             (observed, reports)
-            | "FlattenLabelEvents" >> beam.Flatten()
+            | "FlattenLabelEvents" >> beam.Flatten().with_output_types(keyed)
             | "JoinLabels" >> beam.ParDo(LabelJoinFn()).with_input_types(keyed).with_output_types(keyed)
-            | "Health" >> beam.ParDo(self._health).with_input_types(keyed)
+            | "Health" >> beam.ParDo(self._health).with_input_types(keyed).with_outputs(OUTCOMES, main="records")
         )
+        return Monitored(health_records.records, health_records[OUTCOMES])

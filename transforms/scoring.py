@@ -36,7 +36,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 from models import decisions, loader
 from models.features import RAW_FEATURES
 from rtml import events
-from transforms import outcomes
+from transforms import health, outcomes
 from transforms.validation import dead_letter_outcome
 
 _LOG = logging.getLogger(__name__)
@@ -228,7 +228,9 @@ def feature_problem(features: dict) -> str | None:
 
 
 def to_scoring_example(featured, timestamp=beam.DoFn.TimestampParam) -> tuple[str, ScoringExample]:
-    """Key a featured transaction by transaction_id; its element timestamp is the publish time."""
+    """Key a featured transaction by transaction_id; its element timestamp is the publish time.
+
+    As a `beam.Map` function, or as `ComputeFeatures`'s `emit` (called with the timestamp)."""
     tx = featured.transaction
     return tx.transaction_id, ScoringExample(tx, featured.features, timestamp.micros, featured.cells)
 
@@ -249,15 +251,27 @@ def insight_record(example: ScoringExample, inference: dict, processed_at_us: in
 class AssembleInsightFn(beam.DoFn):
     """(transaction_id, PredictionResult) -> insight dict; counts decisions and publish-to-emit latency.
 
-    Also an `OBSERVATIONS` output: each insight with its publish-to-emit latency in ms, for model
-    health; and an `OUTCOMES` output: each insight or dead letter as the keyed `Outcome` to publish.
+    Also an `OUTCOMES` output: each insight or dead letter as the keyed `Outcome` to publish;
+    and, given the model folder, an `OBSERVATIONS` output for model health: the insights as
+    `transforms.health.Observer` sees them, a scored event per insight and the window stats of
+    each bundle (observed here rather than in a step of its own: the local runner runs every
+    step once per bundle).
     """
 
+    def __init__(self, observe_model_dir: str | None = None):
+        self._observer = health.Observer(observe_model_dir) if observe_model_dir else None
+
     def setup(self):
+        if self._observer is not None:
+            self._observer.setup()
         self._insights = _counter("insights")
         self._by_decision = {decision: _counter(f"decision_{decision}") for decision in decisions.DECISIONS}
         self._latency = Metrics.distribution(NAMESPACE, "latency_ms")
         self._invalid = _counter("invalid_features")
+
+    def start_bundle(self):
+        if self._observer is not None:
+            self._observer.start_bundle()
 
     def process(self, keyed):
         _, result = keyed
@@ -275,9 +289,14 @@ class AssembleInsightFn(beam.DoFn):
         self._latency.update(latency_ms)
         yield record
         yield beam.pvalue.TaggedOutput(OUTCOMES, outcomes.outcome(INSIGHT, insight_message(record), result.example.cells))
-        # For model health: after RunInference's batching, element timestamps are no longer the
-        # publish times, so the latency travels with the observation.
-        yield beam.pvalue.TaggedOutput(OBSERVATIONS, (record, latency_ms))
+        if self._observer is not None:
+            yield beam.pvalue.TaggedOutput(OBSERVATIONS, self._observer.observe(record, latency_ms))
+
+    def finish_bundle(self):
+        if self._observer is not None:
+            stats = self._observer.finish_bundle()
+            if stats is not None:
+                yield beam.pvalue.TaggedOutput(OBSERVATIONS, stats)
 
 
 def insight_message(record: dict) -> PubsubMessage:
@@ -317,25 +336,41 @@ def failed_batch_dead_letters(failure) -> Iterable:
 
 
 class Scored(NamedTuple):
+    """What `ScoreTransactions` makes. Dead letters and outcomes come one PCollection per producing
+    step, unflattened (`PublishOutcomes` and `WriteDeadLetters` take several): the local runner
+    runs a Flatten once per bundle even in a pipeline that does not read it."""
+
     insights: beam.PCollection  # insight dicts
-    dead_letters: beam.PCollection  # (error_kind, dead-letter record)
-    observations: beam.PCollection  # (insight dict, publish-to-emit latency in ms)
-    outcomes: beam.PCollection  # keyed transforms.outcomes.Outcome per transaction: its insight or dead letter
+    dead_letters: tuple[beam.PCollection, ...]  # (error_kind, dead-letter record)
+    observations: beam.PCollection  # for MonitorModel (transforms.health.Observer); empty unless observing
+    outcomes: tuple[beam.PCollection, ...]  # keyed transforms.outcomes.Outcome per transaction: its insight or dead letter
 
 
 class ScoreTransactions(beam.PTransform):
     """Featured transactions -> insights, with live model updates and failures as dead letters."""
 
-    def __init__(self, handler: FraudModelHandler, model_dir: str, side_input_poll_secs: float | None = None):
+    def __init__(
+        self,
+        handler: FraudModelHandler,
+        model_dir: str,
+        side_input_poll_secs: float | None = None,
+        observe: bool = False,
+        keyed: bool = False,
+    ):
         """`side_input_poll_secs`: watch `model_dir` with RunInference's `WatchFilePattern` side
-        input at this interval (Dataflow); None when the handler watches the folder itself."""
+        input at this interval (Dataflow); None when the handler watches the folder itself.
+        `observe`: emit `Scored.observations` for model health (`transforms.health.MonitorModel`).
+        `keyed`: the input is `to_scoring_example`'s pairs already (as `ComputeFeatures` emits them
+        given `emit=to_scoring_example`), not `FeaturedTransaction`s."""
         super().__init__()
         self._handler = handler
         self._model_dir = model_dir.rstrip("/")
         self._side_input_poll = side_input_poll_secs
+        self._observe = observe
+        self._keyed = keyed
 
     def expand(self, featured):
-        keyed = featured | "KeyByTransaction" >> beam.Map(to_scoring_example)
+        keyed = featured if self._keyed else featured | "KeyByTransaction" >> beam.Map(to_scoring_example)
         run_inference = RunInference(
             KeyedModelHandler(self._handler),
             **(
@@ -345,12 +380,16 @@ class ScoreTransactions(beam.PTransform):
             ),
         ).with_exception_handling()
         predictions, errors = keyed | "RunInference" >> run_inference
-        assembled = predictions | "AssembleInsights" >> beam.ParDo(AssembleInsightFn()).with_outputs(
+        assemble = AssembleInsightFn(self._model_dir if self._observe else None)
+        assembled = predictions | "AssembleInsights" >> beam.ParDo(assemble).with_outputs(
             DEAD_LETTERS, OBSERVATIONS, OUTCOMES, main="insights"
         )
         failed = errors.failed_inferences | "FailedInferences" >> beam.FlatMap(failed_batch_dead_letters).with_outputs(
             OUTCOMES, main="dead_letters"
         )
-        dead_letters = (assembled[DEAD_LETTERS], failed.dead_letters) | "FlattenScoringDeadLetters" >> beam.Flatten()
-        results = (assembled[OUTCOMES], failed[OUTCOMES]) | "FlattenOutcomes" >> beam.Flatten()
-        return Scored(assembled.insights, dead_letters, assembled[OBSERVATIONS], results)
+        return Scored(
+            assembled.insights,
+            (assembled[DEAD_LETTERS], failed.dead_letters),
+            assembled[OBSERVATIONS],
+            (assembled[OUTCOMES], failed[OUTCOMES]),
+        )

@@ -13,6 +13,7 @@ from rtml import events
 from transforms import outcomes
 
 DEAD_LETTER_TAG = "dead_letter"
+OUTCOMES_TAG = "outcomes"
 
 beam.coders.registry.register_coder(events.Transaction, beam.coders.RowCoder)
 beam.coders.registry.register_coder(events.Feedback, beam.coders.RowCoder)
@@ -33,6 +34,10 @@ class ValidateMessageFn(beam.DoFn):
     `parse` raises `events.InvalidMessage` for a contract violation. Any other exception is a
     defect in parsing, yet it must not stop the pipeline either: it is dead-lettered as
     `unexpected_error` with the exception's text, and counted separately.
+
+    A dead letter leaves twice: as `(error_kind, record)` on `DEAD_LETTER_TAG`, and as the
+    keyed outcome `transforms.outcomes.PublishOutcomes` publishes on `OUTCOMES_TAG` (made here
+    rather than in a step of its own: the local runner runs every step once per bundle).
     """
 
     def __init__(self, source: str, parse: Callable[[bytes], Any]):
@@ -61,15 +66,18 @@ class ValidateMessageFn(beam.DoFn):
             return
         self._invalid.inc()
         self._by_kind[kind].inc()
-        record = events.dead_letter(self._source, error, payload, attributes, time.time_ns() // 1000)
-        yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, (kind, record))
+        dead = (kind, events.dead_letter(self._source, error, payload, attributes, time.time_ns() // 1000))
+        yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, dead)
+        yield beam.pvalue.TaggedOutput(OUTCOMES_TAG, dead_letter_outcome(dead))
 
 
 class Validated(NamedTuple):
-    """Outputs of `ValidateMessages`: typed events, and `(error_kind, record)` dead letters."""
+    """Outputs of `ValidateMessages`: typed events, `(error_kind, record)` dead letters, and the
+    same dead letters as keyed outcomes to publish."""
 
     events: beam.PCollection
     dead_letters: beam.PCollection
+    outcomes: beam.PCollection
 
 
 class ValidateMessages(beam.PTransform):
@@ -89,9 +97,9 @@ class ValidateMessages(beam.PTransform):
 
     def expand(self, messages: beam.PCollection) -> Validated:
         outputs = messages | "Parse" >> beam.ParDo(ValidateMessageFn(self._source, self._parse)).with_outputs(
-            DEAD_LETTER_TAG, main="events"
+            DEAD_LETTER_TAG, OUTCOMES_TAG, main="events"
         )
-        return Validated(outputs.events, outputs[DEAD_LETTER_TAG])
+        return Validated(outputs.events, outputs[DEAD_LETTER_TAG], outputs[OUTCOMES_TAG])
 
 
 def dead_letter_message(kind_and_record: tuple[str, dict]) -> PubsubMessage:
@@ -108,13 +116,16 @@ def dead_letter_outcome(kind_and_record: tuple[str, dict], cells: tuple = ()) ->
 
 
 class WriteDeadLetters(beam.PTransform):
-    """Publish `(error_kind, record)` dead letters from any number of steps to one topic."""
+    """Publish `(error_kind, record)` dead letters from any number of steps (one PCollection, or
+    a tuple of them) to one topic."""
 
     def __init__(self, topic: str):
         super().__init__()
         self._topic = topic
 
-    def expand(self, dead_letters: beam.PCollection):
+    def expand(self, dead_letters):
+        if isinstance(dead_letters, (tuple, list)):
+            dead_letters = tuple(dead_letters) | "FlattenDeadLetters" >> beam.Flatten()
         return (
             dead_letters
             | "ToMessage" >> beam.Map(dead_letter_message)
@@ -123,11 +134,15 @@ class WriteDeadLetters(beam.PTransform):
 
 
 class InputEvents(NamedTuple):
-    """Outputs of `ReadEvents`."""
+    """Outputs of `ReadEvents`. The dead letters come one PCollection per source, as
+    `(error_kind, record)` and as keyed outcomes: `WriteDeadLetters` and `PublishOutcomes` take
+    several, and they are not flattened here, since the local runner would run a Flatten once per
+    bundle even in a pipeline that does not read it."""
 
     transactions: beam.PCollection
     feedback: beam.PCollection
-    dead_letters: beam.PCollection
+    dead_letters: tuple[beam.PCollection, ...]
+    dead_letter_outcomes: tuple[beam.PCollection, ...]
 
 
 class ReadEvents(beam.PTransform):
@@ -154,8 +169,10 @@ class ReadEvents(beam.PTransform):
                 subscription=self._subscriptions[source], with_attributes=True, **self._read_args
             )
             validated[source] = messages | f"Validate{label}" >> ValidateMessages(source)
-        dead_letters = (
-            validated["transactions"].dead_letters,
-            validated["fraud-feedback"].dead_letters,
-        ) | "FlattenDeadLetters" >> beam.Flatten()
-        return InputEvents(validated["transactions"].events, validated["fraud-feedback"].events, dead_letters)
+        sources = ("transactions", "fraud-feedback")
+        return InputEvents(
+            validated["transactions"].events,
+            validated["fraud-feedback"].events,
+            tuple(validated[source].dead_letters for source in sources),
+            tuple(validated[source].outcomes for source in sources),
+        )
