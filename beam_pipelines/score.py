@@ -26,7 +26,7 @@ from apache_beam.runners.runner import PipelineResult
 from beam_pipelines import options as opts
 from beam_pipelines.featurize import input_outcomes, publish_outcomes, read_and_featurize
 from rtml import config, drift, health
-from transforms.health import HEALTH, MonitorModel
+from transforms.health import MonitorModel
 from transforms.outcomes import DEAD_LETTER
 from transforms.scoring import INSIGHT, FraudModelHandler, ScoreTransactions, to_scoring_example
 
@@ -149,18 +149,22 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
         observe=not args.no_health,
         keyed=True,
     )
-    # Every message goes out through one publishing step (transforms.outcomes): insights, the
-    # dead letters of validation and of scoring, fraud reports' state cells, health records.
+    # Insights, the dead letters of validation and of scoring, and fraud reports' state cells go
+    # out through one publishing step (transforms.outcomes); health records, which carry no
+    # state, are published by the health step itself.
     results = [*scored.outcomes, *input_outcomes(inputs, computed)]
     topics = {INSIGHT: output_topic, DEAD_LETTER: io.dead_letter_topic}
     health_records = None
     if not args.no_health:
-        topics[HEALTH] = args.health_topic or config.topic_path(opts.project_of(options), config.HEALTH_TOPIC)
-        monitored = (scored.observations, inputs.feedback) | "MonitorModel" >> MonitorModel(
-            model_dir, args.health_window_secs, args.health_period_secs, args.psi_threshold, args.health_min_events
+        health_topic = args.health_topic or config.topic_path(opts.project_of(options), config.HEALTH_TOPIC)
+        health_records = (scored.observations, inputs.feedback) | "MonitorModel" >> MonitorModel(
+            model_dir,
+            args.health_window_secs,
+            args.health_period_secs,
+            args.psi_threshold,
+            args.health_min_events,
+            topic=health_topic,
         )
-        health_records = monitored.records
-        results.append(monitored.outcomes)
     _ = tuple(results) | "PublishResults" >> publish_outcomes(options, topics)
     return ScorePipeline(computed.transactions, scored.insights, (*inputs.dead_letters, *scored.dead_letters), health_records)
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from models import decisions, loader
 from models.features import RAW_FEATURES
-from rtml import drift, events, examples, health
-from transforms.health import HEALTH, MonitorModel, ObserveFn
+from rtml import config, drift, events, examples, health
+from transforms.health import MonitorModel, ObserveFn
 
 DAY_US = 86_400 * 1_000_000
 
@@ -219,18 +219,15 @@ def _latency(i: int) -> float:
 
 
 _COLLECTED: list[dict] = []  # the in-process streaming DirectRunner calls `_collect` by reference
-_PUBLISHED: list = []  # the records' keyed outcomes, as MonitorModel hands them to publishing
 
 
 def _collect(record: dict) -> None:
     _COLLECTED.append(record)
 
 
-def _collect_outcome(keyed_outcome) -> None:
-    _PUBLISHED.append(keyed_outcome[1])
-
-
-def _run_health(insights: list[dict], feedback: list[events.Feedback], model_dir: str, period: float = 60.0) -> dict:
+def _run_health(
+    insights: list[dict], feedback: list[events.Feedback], model_dir: str, period: float = 60.0, topic: str | None = None
+) -> dict:
     """Insights and feedback through `MonitorModel` on the streaming DirectRunner; the last record.
 
     The health buckets follow the wall clock, the timers the test clock, which starts at 0: it
@@ -247,24 +244,15 @@ def _run_health(insights: list[dict], feedback: list[events.Feedback], model_dir
         .advance_watermark_to_infinity()
     )
     _COLLECTED.clear()
-    _PUBLISHED.clear()
     options = PipelineOptions(runner="BundleBasedDirectRunner")
     options.view_as(StandardOptions).streaming = True
     with beam.Pipeline(options=options) as pipeline:
         inputs = pipeline | stream
         observed = inputs["observations"] | beam.ParDo(ObserveFn(model_dir))
-        out = (observed, inputs["feedback"]) | MonitorModel(model_dir, window_secs=600, period_secs=period)
-        _ = out.records | "CollectRecords" >> beam.Map(_collect)
-        _ = out.outcomes | "CollectOutcomes" >> beam.Map(_collect_outcome)
+        out = (observed, inputs["feedback"]) | MonitorModel(model_dir, window_secs=600, period_secs=period, topic=topic)
+        _ = out | beam.Map(_collect)
     versions = {record["model_version"] for record in _COLLECTED}
     assert len(versions) == 1 and 1 <= len(_COLLECTED) <= 3, _COLLECTED
-    # Each record goes to publishing once, as its own JSON, with the version and alarm attributes.
-    assert len(_PUBLISHED) == len(_COLLECTED)
-    assert all(item.kind == HEALTH and item.cells == () for item in _PUBLISHED)
-    as_published = sorted(json.dumps(json.loads(item.data), sort_keys=True) for item in _PUBLISHED)
-    assert as_published == sorted(json.dumps(record, sort_keys=True) for record in _COLLECTED)
-    assert {item.attributes["model_version"] for item in _PUBLISHED} == versions
-    assert {item.attributes["alarm"] for item in _PUBLISHED} == {health.alarm(record) for record in _COLLECTED}
     return _COLLECTED[-1]
 
 
@@ -295,6 +283,23 @@ def test_a_shifted_stream_drifts_and_a_training_like_one_does_not(trained, shift
     counts = [name for name in RAW_FEATURES if "nb_tx" in name or name.startswith("tx_during")]
     assert not set(counts) & set(record["drifted"]), record["psi"]
     assert record["drifted"] == sorted(record["drifted"], key=lambda n: -record["psi"][n])
+
+
+@pytest.mark.emulator
+def test_the_health_step_publishes_each_record_it_outputs_once_with_its_attributes(services, trained, served):
+    from tests.conftest import make_topics
+    from tests.pubsub_helpers import collect
+
+    topics = make_topics(services)
+    topic = config.topic_path(services.project, topics[config.HEALTH_TOPIC])
+    _run_health(_insights(trained.examples, served)[:300], [], str(trained.model_dir), topic=topic)
+    assert _COLLECTED
+    published = collect(topics[config.HEALTH_TOPIC] + "-sub", services.project, len(_COLLECTED), timeout_s=30)
+    key = lambda record: json.dumps(record, sort_keys=True)  # noqa: E731
+    assert sorted(key(json.loads(m.data)) for m in published) == sorted(key(r) for r in _COLLECTED)
+    assert sorted((m.attributes["model_version"], m.attributes["alarm"]) for m in published) == sorted(
+        (r["model_version"], health.alarm(r)) for r in _COLLECTED
+    )
 
 
 @pytest.mark.slow

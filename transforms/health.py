@@ -4,8 +4,8 @@
     (in AssembleInsightFn,  per insight: (customer, scored) --.                               |
      or ObserveFn)                                             |                               |
     feedback --(customer, report)------------------------------+--> LabelJoinFn -------------+--> HealthFn --> records
-                                                                    (fraud label               (one key; a processing-     and their
-                                                                     changes)                   time timer every period)   outcomes
+                                                                    (fraud label               (one key; a processing-
+                                                                     changes)                   time timer every period)
 
 The window stats pass through `LabelJoinFn` unchanged, so that `HealthFn` has one input, and
 the scoring pipeline observes its insights in the step that makes them: the local runner runs
@@ -13,7 +13,9 @@ a step once per bundle of each input, empty bundles included.
 
 `HealthFn` keeps per-period buckets of `rtml.health.WindowStats` and, every `period_secs` of
 processing time, publishes one record per model version seen in the last `window_secs` (the
-schema is in `rtml.health`). Delayed-label tallies are cumulative since the job started: the
+schema is in `rtml.health`) to its topic itself: a record carries no feature state, so it does
+not need `transforms.outcomes`' publish-then-persist order, and a publishing step fed by the
+health step would run once per bundle for a record a minute. Delayed-label tallies are cumulative since the job started: the
 count of scored transactions and decisions comes from the observations, the fraud labels from
 `LabelJoinFn`, which joins each customer's insights with the fraud feedback in either order.
 """
@@ -24,7 +26,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -44,7 +46,6 @@ _LOG = logging.getLogger(__name__)
 NAMESPACE = "health"
 HEALTH_KEY = "health"
 HEALTH = "health"  # the outcome kind of health records
-OUTCOMES = "outcomes"
 DAY_US = 86_400 * 1_000_000
 # How long a customer's scored transactions wait for fraud feedback in the label join, by event
 # time: the longest feature window plus the feedback delay, with margin.
@@ -177,7 +178,7 @@ class LabelJoinFn(beam.DoFn):
 
 class HealthFn(beam.DoFn):
     """One key: per-period buckets of window stats and cumulative label tallies; a record per
-    version each period, and (`OUTCOMES` output) the same record as the keyed outcome to publish."""
+    version each period, published to `topic` (if given) before it is output."""
 
     STATE = ReadModifyWriteStateSpec("health", PickleCoder())
     TICK = TimerSpec("tick", TimeDomain.REAL_TIME)
@@ -189,9 +190,11 @@ class HealthFn(beam.DoFn):
         period_secs: float,
         psi_threshold: float = drift.PSI_ALERT,
         min_events: int = health.DEFAULT_MIN_EVENTS,
+        topic: str | None = None,
     ):
         if period_secs <= 0 or window_secs < period_secs:
             raise ValueError("health windows need period_secs > 0 and window_secs >= period_secs")
+        self._topic = topic
         self._model_dir = model_dir
         self._window = window_secs
         self._period = period_secs
@@ -202,6 +205,8 @@ class HealthFn(beam.DoFn):
         self._references = References.shared(self._model_dir)
         self._records = Metrics.counter(NAMESPACE, "records")
         self._alarms = Metrics.counter(NAMESPACE, "drift_alarms")
+        self._retries = Metrics.counter(NAMESPACE, "publish_retries")
+        self._publisher = outcomes.shared_publisher() if self._topic else None
 
     def _bucket(self, seconds: float) -> int:
         return int(seconds // self._period)
@@ -244,6 +249,7 @@ class HealthFn(beam.DoFn):
             events.format_timestamp(int(end_bucket * self._period * 1e6)),
         )
         emitted_at = events.format_timestamp(time.time_ns() // 1000)
+        records = []
         for version in versions:
             stats = health.merge_all(bucket[version] for bucket in in_window if version in bucket)
             record = health.health_record(
@@ -256,12 +262,16 @@ class HealthFn(beam.DoFn):
                 self._psi_threshold,
                 self._min_events,
             )
-            self._records.inc()
             if record["drifted"]:
                 self._alarms.inc()
                 _LOG.warning("model %s drift: %s", version, ", ".join(f"{n} PSI {record['psi'][n]:.3f}" for n in record["drifted"]))
-            yield record
-            yield beam.pvalue.TaggedOutput(OUTCOMES, outcomes.outcome(HEALTH, health_message(record), ()))
+            records.append(record)
+        if self._publisher is not None and records:
+            messages = [health_message(record) for record in records]
+            batch = [outcomes.Outcome(HEALTH, m.data, dict(m.attributes), ()) for m in messages]
+            outcomes.publish_all(self._publisher, {HEALTH: self._topic}, batch, self._retries)
+        self._records.inc(len(records))
+        yield from records
         tick.set(Timestamp.of((end_bucket + 1) * self._period))
         state.write(current)
 
@@ -271,32 +281,35 @@ def health_message(record: dict) -> PubsubMessage:
     return PubsubMessage(data, {"model_version": record["model_version"], "alarm": health.alarm(record)})
 
 
-class Monitored(NamedTuple):
-    records: beam.PCollection  # health record dicts
-    outcomes: beam.PCollection  # the same, as keyed transforms.outcomes.Outcome to publish
-
-
 class MonitorModel(beam.PTransform):
-    """(observed insights, validated feedback) -> health records, one per version every period.
+    """(observed insights, validated feedback) -> health records, one per version every period,
+    published to `topic` if given.
 
     `observed` is what `Observer` makes of the insights (`ObserveFn`'s output; the scoring
     pipeline's `AssembleInsightFn` makes it too): a scored event per insight and the window
     stats per bundle.
     """
 
-    def __init__(self, model_dir: str, window_secs: float = 600.0, period_secs: float = 60.0, psi_threshold: float = drift.PSI_ALERT, min_events: int = health.DEFAULT_MIN_EVENTS):
+    def __init__(
+        self,
+        model_dir: str,
+        window_secs: float = 600.0,
+        period_secs: float = 60.0,
+        psi_threshold: float = drift.PSI_ALERT,
+        min_events: int = health.DEFAULT_MIN_EVENTS,
+        topic: str | None = None,
+    ):
         super().__init__()
-        self._health = HealthFn(model_dir, window_secs, period_secs, psi_threshold, min_events)
+        self._health = HealthFn(model_dir, window_secs, period_secs, psi_threshold, min_events, topic)
 
-    def expand(self, inputs) -> Monitored:
+    def expand(self, inputs):
         observed, feedback = inputs
         # Typed (str key, value) pairs all the way: the stateful steps need a deterministic key coder.
         keyed = tuple[str, Any]
         reports = feedback | "ReportsByCustomer" >> beam.Map(report_event).with_output_types(keyed)
-        health_records = (
+        return (
             (observed, reports)
             | "FlattenLabelEvents" >> beam.Flatten().with_output_types(keyed)
             | "JoinLabels" >> beam.ParDo(LabelJoinFn()).with_input_types(keyed).with_output_types(keyed)
-            | "Health" >> beam.ParDo(self._health).with_input_types(keyed).with_outputs(OUTCOMES, main="records")
+            | "Health" >> beam.ParDo(self._health).with_input_types(keyed)
         )
-        return Monitored(health_records.records, health_records[OUTCOMES])

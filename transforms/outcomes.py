@@ -15,10 +15,11 @@ computed and published again. The one window left is between Pub/Sub's acknowled
 batch and the Bigtable write that follows, a few milliseconds per batch, in which a crash makes
 that batch's transactions come out twice.
 
-Every message the pipelines publish goes this way (insights, dead letters, health records), as
-`(shard, Outcome)` pairs made by `keyed`, straight from the steps that produce them: one
-stateful step does the batching and the publishing. Fewer steps matter on the local runner,
-which runs every step once for every bundle of each of its inputs, empty bundles included.
+Insights, feature records and dead letters go this way, as `(shard, Outcome)` pairs made by
+`keyed`, straight from the steps that produce them: one stateful step does the batching and the
+publishing. Fewer steps matter on the local runner, which runs every step once for every bundle
+of each of its inputs, empty bundles included. Health records, which carry no state and come a
+few a minute, are published by the health step itself with `publish_all`.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ _PUBLISHERS: dict[tuple, Any] = {}
 _PUBLISHERS_LOCK = threading.Lock()
 
 
-def _shared_publisher():
+def shared_publisher():
     """One Pub/Sub publisher per process (the local runner sets a DoFn up again for every bundle)."""
     from google.cloud import pubsub_v1
 
@@ -112,7 +113,7 @@ class PublishThenPersistFn(beam.DoFn):
         self._max_buffering_secs = max_buffering_secs
 
     def setup(self):
-        self._publisher = _shared_publisher()
+        self._publisher = shared_publisher()
         self._store = store.EntityStore(*self._config, shared=True)
         self._published = Metrics.counter(NAMESPACE, "published")
         self._batch_sizes = Metrics.distribution(NAMESPACE, "publish_batch_size")
@@ -161,34 +162,37 @@ class PublishThenPersistFn(beam.DoFn):
         count.clear()
 
     def _publish(self, batch: list[Outcome]) -> None:
-        """Publish every outcome; retry the failed ones with backoff for up to 10 minutes, then raise."""
-        if not batch:
+        if batch:
+            self._published.inc(len(batch))
+            self._batch_sizes.update(len(batch))
+            publish_all(self._publisher, self._topics, batch, self._retries)
+
+
+def publish_all(publisher, topics: dict[str, str], batch: list[Outcome], retries=None) -> None:
+    """Publish every outcome (`topics[item.kind]`) and wait for each acknowledgement; retry the
+    failed ones with backoff for up to 10 minutes, then raise. `retries`: a counter of retried messages."""
+    pending = list(batch)
+    deadline = time.monotonic() + PUBLISH_RETRY_FOR_S
+    delay = 0.2
+    while pending:
+        futures = [(item, publisher.publish(topics[item.kind], item.data, **item.attributes)) for item in pending]
+        failed, error = [], None
+        for item, future in futures:
+            try:
+                future.result()
+            except Exception as err:  # noqa: BLE001 - any publish failure is retried, then raised
+                failed.append(item)
+                error = err
+        if not failed:
             return
-        self._published.inc(len(batch))
-        self._batch_sizes.update(len(batch))
-        pending = list(batch)
-        deadline = time.monotonic() + PUBLISH_RETRY_FOR_S
-        delay = 0.2
-        while True:
-            futures = [
-                (item, self._publisher.publish(self._topics[item.kind], item.data, **item.attributes)) for item in pending
-            ]
-            failed, error = [], None
-            for item, future in futures:
-                try:
-                    future.result()
-                except Exception as err:  # noqa: BLE001 - any publish failure is retried, then raised
-                    failed.append(item)
-                    error = err
-            if not failed:
-                return
-            if time.monotonic() + delay > deadline:
-                raise RuntimeError(f"{len(failed)} results could not be published: {error}") from error
-            _LOG.warning("publishing %d of %d results failed (%s); retrying in %.1f s", len(failed), len(batch), error, delay)
-            self._retries.inc(len(failed))
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            pending = failed
+        if time.monotonic() + delay > deadline:
+            raise RuntimeError(f"{len(failed)} results could not be published: {error}") from error
+        _LOG.warning("publishing %d of %d results failed (%s); retrying in %.1f s", len(failed), len(batch), error, delay)
+        if retries is not None:
+            retries.inc(len(failed))
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+        pending = failed
 
 
 class PublishOutcomes(beam.PTransform):
