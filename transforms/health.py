@@ -15,9 +15,10 @@ a step once per bundle of each input, empty bundles included.
 processing time, publishes one record per model version seen in the last `window_secs` (the
 schema is in `rtml.health`) to its topic itself: a record carries no feature state, so it does
 not need `transforms.outcomes`' publish-then-persist order, and a publishing step fed by the
-health step would run once per bundle for a record a minute. Delayed-label tallies are cumulative since the job started: the
-count of scored transactions and decisions comes from the observations, the fraud labels from
-`LabelJoinFn`, which joins each customer's insights with the fraud feedback in either order.
+health step would run once per bundle for a record a minute. Delayed-label tallies are
+cumulative since the job started: the count of scored transactions and decisions comes from the
+observations, the fraud labels from `LabelJoinFn`, which joins each customer's insights with the
+fraud feedback in either order.
 """
 
 from __future__ import annotations
@@ -267,8 +268,7 @@ class HealthFn(beam.DoFn):
                 _LOG.warning("model %s drift: %s", version, ", ".join(f"{n} PSI {record['psi'][n]:.3f}" for n in record["drifted"]))
             records.append(record)
         if self._publisher is not None and records:
-            messages = [health_message(record) for record in records]
-            batch = [outcomes.Outcome(HEALTH, m.data, dict(m.attributes), ()) for m in messages]
+            batch = [outcomes.of_message(HEALTH, health_message(record)) for record in records]
             outcomes.publish_all(self._publisher, {HEALTH: self._topic}, batch, self._retries)
         self._records.inc(len(records))
         yield from records

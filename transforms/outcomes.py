@@ -66,9 +66,14 @@ def keyed(item: Outcome) -> tuple[str, Outcome]:
     return f"{_SHARD_PREFIX}-{threading.get_ident()}", item
 
 
+def of_message(kind: str, message, cells: tuple = ()) -> Outcome:
+    """An outcome from a PubsubMessage."""
+    return Outcome(kind, message.data, dict(message.attributes or {}), tuple(cells))
+
+
 def outcome(kind: str, message, cells: tuple) -> tuple[str, Outcome]:
     """A keyed outcome from a PubsubMessage."""
-    return keyed(Outcome(kind, message.data, dict(message.attributes or {}), tuple(cells)))
+    return keyed(of_message(kind, message, cells))
 
 
 def state_only(cells) -> tuple[str, Outcome]:
