@@ -23,7 +23,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import options as opts
 from rtml import config, events
-from transforms.features import ComputedFeatures, ComputeFeatures, FeaturedTransaction
+from transforms.features import ComputedFeatures, ComputeFeatures, FeaturedTransaction, load_transactions
 from transforms.outcomes import DEAD_LETTER, PublishOutcomes, outcome
 from transforms.validation import InputEvents, ReadEvents
 
@@ -51,10 +51,15 @@ def read_and_featurize(pipeline: beam.Pipeline, options: PipelineOptions, emit=N
     """
     io = opts.resolve_streaming_io(options)
     store = opts.store_config(options)
+    # Validation loads the valid transactions' rows itself, a step fewer (see ComputeFeatures).
     inputs = pipeline | "ReadEvents" >> ReadEvents(
-        io.transactions_subscription, io.feedback_subscription, io.id_label, io.timestamp_attribute
+        io.transactions_subscription,
+        io.feedback_subscription,
+        io.id_label,
+        io.timestamp_attribute,
+        then={"transactions": load_transactions(store)},
     )
-    computed = (inputs.transactions, inputs.feedback) | "ComputeFeatures" >> ComputeFeatures(store, emit)
+    computed = (inputs.transactions, inputs.feedback) | "ComputeFeatures" >> ComputeFeatures(store, emit, loaded=True)
     return io, inputs, computed
 
 
@@ -76,7 +81,9 @@ def publish_outcomes(options: PipelineOptions, topics: dict[str, str]) -> Publis
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> FeaturizePipeline:
     output_topic = opts.resolve_output_topic(options, config.FEATURES_TOPIC)
     io, inputs, computed = read_and_featurize(pipeline, options)
-    records = computed.transactions | "ToMessage" >> beam.Map(lambda item: outcome(FEATURES, feature_message(item), item.cells))
+    records = computed.transactions | "ToMessage" >> beam.Map(
+        lambda item: outcome(FEATURES, feature_message(item), item.cells)
+    )
     _ = (records, *input_outcomes(inputs, computed)) | "PublishFeatures" >> publish_outcomes(
         options, {FEATURES: output_topic, DEAD_LETTER: io.dead_letter_topic}
     )

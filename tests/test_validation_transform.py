@@ -4,14 +4,16 @@ import base64
 import json
 
 import apache_beam as beam
+import pytest
 from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.utils.windowed_value import WindowedValue
 
 from rtml import events
 from transforms import outcomes
-from transforms.validation import ValidateMessages, dead_letter_message
+from transforms.validation import ReadEvents, ValidateMessages, dead_letter_message
 
 GOOD = [
     {
@@ -98,3 +100,35 @@ def test_dead_letter_message_carries_the_record_and_kind_attributes():
     message = dead_letter_message(("wrong_type", record))
     assert json.loads(message.data) == record
     assert message.attributes == {"source": "fraud-feedback", "error_kind": "wrong_type"}
+
+
+class KeyInBundlesFn(beam.DoFn):
+    """A next step run inside validation: holds each bundle's events, then keys them by customer."""
+
+    def start_bundle(self):
+        self._held = []
+
+    def process(self, event, timestamp, window):
+        self._held.append(WindowedValue((event.customer_id, event.transaction_id), timestamp, [window]))
+        yield "seen", event.transaction_id
+
+    def finish_bundle(self):
+        yield from self._held
+
+
+def test_then_runs_inside_validation_on_valid_events_only_and_its_output_is_the_events():
+    messages = [PubsubMessage(json.dumps(body).encode(), {}) for body in GOOD] + [PubsubMessage(b"not json", {})]
+    pipeline = TestPipeline(runner="FnApiRunner")
+    then = KeyInBundlesFn().with_output_types(tuple[str, str])
+    validated = pipeline | beam.Create(messages) | ValidateMessages("transactions", then=then)
+    # `then`'s output type is the events' (stateful steps take their key coder from it).
+    assert validated.events.element_type == beam.typehints.Tuple[str, str]
+    ids = [body["transaction_id"] for body in GOOD]
+    assert_that(validated.events, equal_to([("seen", i) for i in ids] + [("C1", i) for i in ids]), label="Events")
+    assert_that(validated.dead_letters | beam.Map(lambda kr: kr[0]), equal_to(["not_json"]), label="DeadLetters")
+    pipeline.run().wait_until_finish()
+
+
+def test_read_events_refuses_a_then_for_a_source_it_does_not_read():
+    with pytest.raises(ValueError, match=r"unknown sources \['feedback'\]"):
+        ReadEvents("projects/p/subscriptions/t", "projects/p/subscriptions/f", then={"feedback": KeyInBundlesFn()})

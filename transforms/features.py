@@ -12,8 +12,12 @@ publishing the batch's results:
   `FeaturedTransaction.cells`. So a transaction is in the durable state only once its result is
   out: after a crash and a replay of the input, a transaction found in the state was handled (a
   duplicate), and one not found is computed again;
-- a fraud report's cell leaves the terminal step as an outcome that publishes nothing
-  (`ComputedFeatures.feedback_state`).
+- a fraud report's cell depends on the report alone, so it leaves the step that loads the
+  reports' terminal rows, as an outcome that publishes nothing (`ComputedFeatures.feedback_state`).
+  It may reach Bigtable before the terminal step has applied the report: a terminal restored from
+  its row applies the report the same way. Made there, the local runner's bundle of report cells
+  exists only when reports came in (a step's every output gets a bundle each time it runs, empty
+  or not, and each bundle runs the steps that read it once).
 """
 
 import logging
@@ -100,12 +104,22 @@ class LoadEntitiesFn(beam.DoFn):
     The stateful DoFns use an attached row only while their state for that key is empty, and read
     the row themselves if none is attached, so this step saves requests without being needed for
     correctness.
+
+    `cells(event)`, when given, are state cells the event adds whatever the entity holds: they
+    leave on output `FEEDBACK_STATE_TAG` as an outcome that publishes nothing.
     """
 
-    def __init__(self, config: StoreConfig, remembered_keys: int = 1_000_000, key: Callable[[tuple], Any] | None = None):
+    def __init__(
+        self,
+        config: StoreConfig,
+        remembered_keys: int = 1_000_000,
+        key: Callable[[tuple], Any] | None = None,
+        cells: Callable[[Any], list] | None = None,
+    ):
         self._config = config
         self._remembered_keys = remembered_keys
         self._key = key
+        self._cells = cells
         self._token = uuid.uuid4().hex  # names this step's remembered keys in the process
 
     def setup(self):
@@ -147,6 +161,9 @@ class LoadEntitiesFn(beam.DoFn):
             attached = tuple((rows.get(key) or store.EntityCells()) if key in wanted else None for key in keys)
             loaded = (event, *attached)
             yield WindowedValue(loaded if self._key is None else self._key(loaded), timestamp, [window])
+            if self._cells is not None:
+                state = outcomes.state_only(self._cells(event))
+                yield beam.pvalue.TaggedOutput(FEEDBACK_STATE_TAG, WindowedValue(state, timestamp, [window]))
         self._pending = []
 
 
@@ -158,6 +175,12 @@ def by_customer(loaded: tuple) -> tuple[str, tuple]:
 def feedback_by_terminal(loaded: tuple) -> tuple[str, tuple]:
     """A loaded fraud report keyed for the terminal step."""
     return loaded[0].terminal_id, ("fb", loaded)
+
+
+def report_cells(feedback: events.Feedback) -> list:
+    """The state cell a fraud report adds to its terminal's row."""
+    report = Report(feedback.reported_at_us, feedback.is_fraud, feedback.event_time_us)
+    return [(store.row_key(store.TERMINAL, feedback.terminal_id), store.report_cell(feedback.transaction_id, report))]
 
 
 def _entity_keys(event) -> tuple:
@@ -231,14 +254,11 @@ class TerminalFeaturesFn(_EntityFn):
             tx, customer_features, row, customer_cell = payload
         cached = entity.read()
         state = store.terminal_state(self._load(terminal_id, row)) if cached is None else cached
-        key = store.row_key(store.TERMINAL, terminal_id)
-        if kind == "fb":
+        if kind == "fb":  # its state cell left with the report, from the loading step
             changed = state.apply_feedback(payload)
             entity.write(state)
             if changed:
                 self._feedback.inc()
-            report = Report(payload.reported_at_us, payload.is_fraud, payload.event_time_us)
-            yield beam.pvalue.TaggedOutput(FEEDBACK_STATE_TAG, outcomes.state_only([(key, store.report_cell(payload.transaction_id, report))]))
             return
         terminal_features = state.update(tx)
         if terminal_features is None:
@@ -249,7 +269,7 @@ class TerminalFeaturesFn(_EntityFn):
             cells = (customer_cell,)
         else:
             entity.write(state)
-            cells = (customer_cell, (key, _entry_cell(tx)))
+            cells = (customer_cell, (store.row_key(store.TERMINAL, terminal_id), _entry_cell(tx)))
         featured = FeaturedTransaction(tx, _all_features(tx, customer_features, terminal_features), cells)
         yield featured if self._emit is None else self._emit(featured, timestamp)
 
@@ -270,43 +290,55 @@ class ComputedFeatures(NamedTuple):
     feedback_state: beam.PCollection  # keyed outcomes with the cells of fraud reports, for `PublishOutcomes`
 
 
+def load_transactions(config: StoreConfig) -> LoadEntitiesFn:
+    """The DoFn that loads transactions' rows and keys them for the customer step."""
+    return LoadEntitiesFn(config, key=by_customer).with_output_types(tuple[str, Any])
+
+
 class ComputeFeatures(beam.PTransform):
     """Transactions and feedback -> featured transactions (with their state cells), plus feedback's state cells.
 
     `emit(featured, timestamp)`, if given, is what the terminal step outputs for each featured
     transaction instead (the element's timestamp is its publish time on a stream): the first
     transform of what comes next, done here rather than in a step of its own, since the local
-    runner runs every step once per bundle.
+    runner runs every step once per bundle. For the same reason `loaded=True` takes transactions
+    already through `load_transactions(config)`, run in the step before (the streaming pipelines
+    run it inside validation: `ReadEvents(then=...)`); otherwise this transform loads them in a
+    step of its own.
     """
 
-    def __init__(self, config: StoreConfig, emit: Callable[[FeaturedTransaction, Timestamp], Any] | None = None):
+    def __init__(
+        self,
+        config: StoreConfig,
+        emit: Callable[[FeaturedTransaction, Timestamp], Any] | None = None,
+        loaded: bool = False,
+    ):
         super().__init__()
         self._config = config
         self._emit = emit
+        self._loaded = loaded
 
     def expand(self, inputs):
         transactions, feedback = inputs
-        customers = (
-            transactions
-            | "LoadTransactionEntities"
-            >> beam.ParDo(LoadEntitiesFn(self._config, key=by_customer)).with_output_types(tuple[str, Any])
-            | "CustomerFeatures" >> beam.ParDo(CustomerFeaturesFn(self._config)).with_output_types(tuple[str, Any])
-        )
-        reports = (
-            feedback
-            | "LoadFeedbackEntities"
-            >> beam.ParDo(LoadEntitiesFn(self._config, key=feedback_by_terminal)).with_output_types(tuple[str, Any])
-        )
-        terminals = (
-            (customers, reports)
+        if not self._loaded:
+            transactions = transactions | "LoadTransactionEntities" >> beam.ParDo(load_transactions(self._config))
+        customers = transactions | "CustomerFeatures" >> beam.ParDo(CustomerFeaturesFn(self._config)).with_input_types(
+            tuple[str, Any]  # str keys: a deterministic key coder for the state
+        ).with_output_types(tuple[str, Any])
+        reports = feedback | "LoadFeedbackEntities" >> beam.ParDo(
+            LoadEntitiesFn(self._config, key=feedback_by_terminal, cells=report_cells)
+        ).with_output_types(tuple[str, Any]).with_outputs(FEEDBACK_STATE_TAG, main="loaded")
+        featured = (
+            (customers, reports.loaded)
             | "MergeTerminalInputs" >> beam.Flatten()
             | "TerminalFeatures"
             >> beam.ParDo(TerminalFeaturesFn(self._config, self._emit))
             .with_input_types(tuple[str, Any])  # str keys: a deterministic key coder for the state
             .with_output_types(FeaturedTransaction if self._emit is None else Any)
-            .with_outputs(FEEDBACK_STATE_TAG, main="featured")
+            # One output, but `with_outputs` keeps the step's name (its state's, for --update).
+            .with_outputs(main="featured")
         )
-        return ComputedFeatures(terminals.featured, terminals[FEEDBACK_STATE_TAG])
+        return ComputedFeatures(featured.featured, reports[FEEDBACK_STATE_TAG])
 
 
 class WriteBatchFn(beam.DoFn):
