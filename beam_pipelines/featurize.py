@@ -43,11 +43,11 @@ def feature_message(item) -> PubsubMessage:
     return PubsubMessage(data, {"transaction_id": item.transaction.transaction_id})
 
 
-def read_and_featurize(pipeline: beam.Pipeline, options: PipelineOptions, emit=None):
+def read_and_featurize(pipeline: beam.Pipeline, options: PipelineOptions, emit=None, batch_size: int | None = None):
     """The front half shared with scoring: Pub/Sub -> validation -> features.
 
     Returns `(io options, InputEvents, ComputedFeatures)`; step labels are the same in both
-    pipelines (ReadEvents, ComputeFeatures). `emit`: see `ComputeFeatures`.
+    pipelines (ReadEvents, ComputeFeatures). `emit`, `batch_size`: see `ComputeFeatures`.
     """
     io = opts.resolve_streaming_io(options)
     store = opts.store_config(options)
@@ -59,7 +59,9 @@ def read_and_featurize(pipeline: beam.Pipeline, options: PipelineOptions, emit=N
         io.timestamp_attribute,
         then={"transactions": load_transactions(store)},
     )
-    computed = (inputs.transactions, inputs.feedback) | "ComputeFeatures" >> ComputeFeatures(store, emit, loaded=True)
+    computed = (inputs.transactions, inputs.feedback) | "ComputeFeatures" >> ComputeFeatures(
+        store, emit, loaded=True, batch_size=batch_size
+    )
     return io, inputs, computed
 
 

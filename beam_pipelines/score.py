@@ -59,7 +59,8 @@ class ScoreOptions(PipelineOptions):
             type=float,
             default=0.0,
             help="If > 0, hold elements up to this long to fill inference batches across bundles "
-            "(stateful batching; adds up to this much latency). Default: batch within a bundle only.",
+            "(RunInference's stateful batching; adds up to this much latency). Default: batch within a "
+            "bundle only, in the terminal feature step.",
         )
         parser.add_argument(
             "--health_topic",
@@ -133,8 +134,15 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
     model_dir = check(options)
     args = options.view_as(ScoreOptions)
     output_topic = opts.resolve_output_topic(options, config.INSIGHTS_TOPIC)
-    # The feature step keys each transaction for inference itself, saving a step (see ComputeFeatures).
-    io, inputs, computed = read_and_featurize(pipeline, options, emit=to_scoring_example)
+    # The terminal step keys each transaction for inference itself and, unless batches are to
+    # fill across bundles, hands RunInference its batches, saving two steps (see ComputeFeatures).
+    batch_in_features = not args.inference_max_batch_duration_secs
+    io, inputs, computed = read_and_featurize(
+        pipeline,
+        options,
+        emit=to_scoring_example,
+        batch_size=args.inference_max_batch_size if batch_in_features else None,
+    )
     by_side_input = args.model_updates == "side_input"
     handler = FraudModelHandler(
         model_dir,
@@ -148,6 +156,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
         side_input_poll_secs=args.model_poll_secs if by_side_input else None,
         observe=not args.no_health,
         keyed=True,
+        batched=batch_in_features,
     )
     # Insights, the dead letters of validation and of scoring, and fraud reports' state cells go
     # out through one publishing step (transforms.outcomes); health records, which carry no

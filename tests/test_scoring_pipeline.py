@@ -1,6 +1,7 @@
 """The scoring transform on Beam's streaming DirectRunner with TestStream and a small exported model."""
 
 import json
+from collections import Counter
 
 import apache_beam as beam
 import numpy as np
@@ -9,6 +10,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.utils.timestamp import Timestamp
 
 from models import decisions, loader
 from models.features import RAW_FEATURES
@@ -16,12 +18,14 @@ from rtml import events, examples
 from transforms.features import FeaturedTransaction
 from transforms.health import HEALTH_KEY
 from transforms.scoring import (
+    BATCH_SIZES,
     DEAD_LETTER,
     FEATURES_ERROR_KIND,
     INFERENCE_ERROR_KIND,
     INSIGHT,
     FraudModelHandler,
     ScoreTransactions,
+    to_scoring_example,
 )
 
 pytestmark = pytest.mark.slow
@@ -163,6 +167,43 @@ def test_a_failing_inference_batch_becomes_dead_letters_and_the_stream_goes_on(t
         dead_letters = scored.dead_letters | "FlattenDeadLetters" >> beam.Flatten()
         assert_that(dead_letters, check_dead_letters, label="CheckDeadLetters")
         assert_that(scored.observations, equal_to([]), label="NotObserving")  # health off: nothing for it
+
+
+def test_batched_input_is_scored_one_given_list_at_a_time_and_a_failing_list_dead_letters_its_members(trained):
+    # As the terminal feature step hands them on: lists of keyed examples, each one inference batch.
+    columns = examples.read_columns(str(trained.examples), pattern="examples-00004-*")
+    featured = _featured(columns, range(5))
+    exploding = featured[4]._replace(transaction=featured[4].transaction._replace(transaction_id="explode-0"))
+    lists = [featured[:3], [featured[3], exploding]]
+    batches = [[to_scoring_example(f, Timestamp(micros=1_000 + i)) for i, f in enumerate(batch)] for batch in lists]
+    options = PipelineOptions(runner="BundleBasedDirectRunner")
+    options.view_as(StandardOptions).streaming = True
+
+    def check_insights(insights):
+        scored = sorted(f.transaction.transaction_id for f in featured[:3])
+        assert sorted(i["transaction_id"] for i in insights) == scored
+
+    def check_dead_letters(dead):
+        ids = sorted(record["attributes"]["transaction_id"] for _, record in dead)
+        assert ids == sorted(["explode-0", featured[3].transaction.transaction_id])  # the whole second list
+        assert {kind for kind, _ in dead} == {INFERENCE_ERROR_KIND}
+
+    before = Counter(BATCH_SIZES)
+    with TestPipeline(options=options) as pipeline:
+        handler = ExplodingHandler(str(trained.model_dir), poll_secs=None, max_batch_size=1)  # unused: no batching step
+        stream = TestStream().add_elements(batches[:1]).add_elements(batches[1:]).advance_watermark_to_infinity()
+        scored = pipeline | stream | ScoreTransactions(handler, str(trained.model_dir), keyed=True, batched=True)
+        assert_that(scored.insights, check_insights, label="CheckInsights")
+        dead_letters = scored.dead_letters | "FlattenDeadLetters" >> beam.Flatten()
+        assert_that(dead_letters, check_dead_letters, label="CheckDeadLetters")
+    # The first list went through the model whole (the second failed before it got there).
+    assert BATCH_SIZES - before == Counter({3: 1})
+
+
+def test_batched_input_must_be_keyed(trained):
+    handler = FraudModelHandler(str(trained.model_dir), poll_secs=None)
+    with pytest.raises(ValueError, match="batched input must be keyed"):
+        ScoreTransactions(handler, str(trained.model_dir), batched=True)
 
 
 def test_a_refused_newest_version_does_not_hide_a_valid_one_published_before_it(trained, tmp_path):

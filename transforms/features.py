@@ -226,6 +226,35 @@ class CustomerFeaturesFn(_EntityFn):
         yield tx.terminal_id, ("tx", (tx, features, terminal_row, cell))
 
 
+class Batches:
+    """Items gathered into lists of at most `size`, as WindowedValues in the global window (where
+    the feature steps keep their state) stamped with their latest item's timestamp."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"batch size must be at least 1, got {size}")
+        self._size = size
+        self._items: list = []
+        self._latest: Timestamp | None = None
+
+    def add(self, item, timestamp: Timestamp):
+        """Take an item; returns the batch it completes, else None."""
+        self._items.append(item)
+        self._latest = timestamp if self._latest is None else max(self._latest, timestamp)
+        return self.flush() if len(self._items) >= self._size else None
+
+    def flush(self):
+        """The batch gathered so far (None if empty), and start a new one."""
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        if not self._items:
+            return None
+        batch = WindowedValue(self._items, self._latest, [GlobalWindow()])
+        self._items, self._latest = [], None
+        return batch
+
+
 class TerminalFeaturesFn(_EntityFn):
     """Terminal windows and fraud risk; applies fraud feedback to the terminal's transactions.
 
@@ -237,14 +266,28 @@ class TerminalFeaturesFn(_EntityFn):
 
     ENTITY = ReadModifyWriteStateSpec("terminal", PickleCoder())
 
-    def __init__(self, config: StoreConfig, emit: Callable[[FeaturedTransaction, Timestamp], Any] | None = None):
+    def __init__(
+        self,
+        config: StoreConfig,
+        emit: Callable[[FeaturedTransaction, Timestamp], Any] | None = None,
+        batch_size: int | None = None,
+    ):
         super().__init__(config, store.TERMINAL)
         self._emit = emit
+        self._batch_size = batch_size
 
     def setup(self):
         super().setup()
         self._feedback = _counter("feedback_applied")
         self._held = _counter("transactions_already_at_terminal")
+
+    def start_bundle(self):
+        self._batches = Batches(self._batch_size) if self._batch_size else None
+
+    def finish_bundle(self):
+        batch = self._batches.flush() if self._batches is not None else None
+        if batch is not None:
+            yield batch
 
     def process(self, element, entity=beam.DoFn.StateParam(ENTITY), timestamp=beam.DoFn.TimestampParam):
         terminal_id, (kind, payload) = element
@@ -271,7 +314,13 @@ class TerminalFeaturesFn(_EntityFn):
             entity.write(state)
             cells = (customer_cell, (store.row_key(store.TERMINAL, terminal_id), _entry_cell(tx)))
         featured = FeaturedTransaction(tx, _all_features(tx, customer_features, terminal_features), cells)
-        yield featured if self._emit is None else self._emit(featured, timestamp)
+        made = featured if self._emit is None else self._emit(featured, timestamp)
+        if self._batches is None:
+            yield made
+            return
+        batch = self._batches.add(made, timestamp)
+        if batch is not None:
+            yield batch
 
 
 def _entry_cell(tx) -> store.Cell:
@@ -304,7 +353,9 @@ class ComputeFeatures(beam.PTransform):
     runner runs every step once per bundle. For the same reason `loaded=True` takes transactions
     already through `load_transactions(config)`, run in the step before (the streaming pipelines
     run it inside validation: `ReadEvents(then=...)`); otherwise this transform loads them in a
-    step of its own.
+    step of its own. And given `batch_size`, the terminal step outputs lists of up to that many
+    of what it makes, the rest of each bundle's at the bundle's end, in place of a batching
+    step after it (scoring hands them to RunInference as its batches).
     """
 
     def __init__(
@@ -312,11 +363,13 @@ class ComputeFeatures(beam.PTransform):
         config: StoreConfig,
         emit: Callable[[FeaturedTransaction, Timestamp], Any] | None = None,
         loaded: bool = False,
+        batch_size: int | None = None,
     ):
         super().__init__()
         self._config = config
         self._emit = emit
         self._loaded = loaded
+        self._batch_size = batch_size
 
     def expand(self, inputs):
         transactions, feedback = inputs
@@ -332,9 +385,9 @@ class ComputeFeatures(beam.PTransform):
             (customers, reports.loaded)
             | "MergeTerminalInputs" >> beam.Flatten()
             | "TerminalFeatures"
-            >> beam.ParDo(TerminalFeaturesFn(self._config, self._emit))
+            >> beam.ParDo(TerminalFeaturesFn(self._config, self._emit, self._batch_size))
             .with_input_types(tuple[str, Any])  # str keys: a deterministic key coder for the state
-            .with_output_types(FeaturedTransaction if self._emit is None else Any)
+            .with_output_types(FeaturedTransaction if self._emit is None and not self._batch_size else Any)
             # One output, but `with_outputs` keeps the step's name (its state's, for --update).
             .with_outputs(main="featured")
         )

@@ -356,23 +356,30 @@ class ScoreTransactions(beam.PTransform):
         side_input_poll_secs: float | None = None,
         observe: bool = False,
         keyed: bool = False,
+        batched: bool = False,
     ):
         """`side_input_poll_secs`: watch `model_dir` with RunInference's `WatchFilePattern` side
         input at this interval (Dataflow); None when the handler watches the folder itself.
         `observe`: emit `Scored.observations` for model health (`transforms.health.MonitorModel`).
         `keyed`: the input is `to_scoring_example`'s pairs already (as `ComputeFeatures` emits them
-        given `emit=to_scoring_example`), not `FeaturedTransaction`s."""
+        given `emit=to_scoring_example`), not `FeaturedTransaction`s. `batched`: it comes in
+        lists of those pairs, each a batch (as `ComputeFeatures(batch_size=...)` makes them), and
+        RunInference skips its own batching step (`with_no_batching`)."""
         super().__init__()
         self._handler = handler
         self._model_dir = model_dir.rstrip("/")
         self._side_input_poll = side_input_poll_secs
         self._observe = observe
         self._keyed = keyed
+        self._batched = batched
+        if batched and not keyed:
+            raise ValueError("batched input must be keyed: lists of to_scoring_example's pairs")
 
     def expand(self, featured):
         keyed = featured if self._keyed else featured | "KeyByTransaction" >> beam.Map(to_scoring_example)
+        handler = KeyedModelHandler(self._handler)
         run_inference = RunInference(
-            KeyedModelHandler(self._handler),
+            handler.with_no_batching() if self._batched else handler,
             **(
                 {"watch_model_pattern": f"{self._model_dir}/*/{loader.METADATA_FILE}", "interval": self._side_input_poll}
                 if self._side_input_poll
