@@ -222,3 +222,23 @@ def test_a_refused_newest_version_does_not_hide_a_valid_one_published_before_it(
     (broken / "report" / "loss.png").unlink()
     assert slot.refresh().version == "20260301-000002"
     assert slot.refresh().version == "20260301-000002"  # the refused one is not tried again
+
+
+def test_handlers_of_one_model_folder_share_one_slot_loaded_once_per_process(trained, tmp_path, monkeypatch):
+    # The local runner makes a handler per bundle; a load per handler would stall the stream.
+    from tests.test_serving import copy_version
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    copy_version(trained.version, model_dir, "20260301-000001")
+    loads = []
+    real_load = loader.load
+    monkeypatch.setattr(loader, "load", lambda path: loads.append(path) or real_load(path))
+    first = FraudModelHandler(str(model_dir), poll_secs=None).load_model()
+    second = FraudModelHandler(str(model_dir), poll_secs=None).load_model()
+    assert first is second and first.current.version == "20260301-000001"
+    assert len(loads) == 1
+    other = tmp_path / "other"
+    other.mkdir()
+    copy_version(trained.version, other, "20260301-000002")
+    assert FraudModelHandler(str(other), poll_secs=None).load_model().current.version == "20260301-000002"

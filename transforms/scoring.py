@@ -88,11 +88,30 @@ class ScoringExample(NamedTuple):
 class ModelSlot:
     """The version a worker serves, swapped in place when a newer valid version appears.
 
-    Beam's `RunInference` loads the slot once per worker process (it is shared between the
-    worker's threads) and hands it to every `run_inference` call; `refresh` looks at the model
-    folder at most every `poll_secs` and swaps in the newest version that passes
-    `loader.load`. A version that fails is refused once (logged and counted) and never retried.
+    One slot per model folder and process (`ModelSlot.shared`), handed to every `run_inference`
+    call; `refresh` looks at the model folder at most every `poll_secs` and swaps in the newest
+    version that passes `loader.load`. A version that fails is refused once (logged and
+    counted) and never retried.
     """
+
+    _SHARED: dict[tuple[str, float | None], ModelSlot] = {}
+    _SHARED_LOCK = threading.Lock()
+
+    @classmethod
+    def shared(cls, model_dir: str, poll_secs: float | None) -> ModelSlot:
+        """The process's slot for `model_dir`, serving its newest valid version once loaded.
+
+        Held here for the life of the process: Beam's cache of shared objects keeps only the
+        object acquired last alive, so the slot it held was collected between bundles and loaded
+        again, the worker stalling for the load (4 loads in the 6 minutes of a demo run).
+        """
+        with cls._SHARED_LOCK:
+            slot = cls._SHARED.get((model_dir, poll_secs))
+            if slot is None:
+                slot = cls._SHARED[(model_dir, poll_secs)] = cls(model_dir, poll_secs)
+            if slot.current is None:
+                slot.load_newest()
+            return slot
 
     def __init__(self, model_dir: str, poll_secs: float | None):
         self.model_dir = model_dir
@@ -181,8 +200,7 @@ class FraudModelHandler(ModelHandler[ScoringExample, dict, ModelSlot]):
 
     def load_model(self) -> ModelSlot:
         if self._slot is None:
-            self._slot = ModelSlot(self._model_dir, self._poll_secs)
-            self._slot.load_newest()
+            self._slot = ModelSlot.shared(self._model_dir, self._poll_secs)
         if self._path is not None and self._path.rstrip("/") != self._slot.current.path.rstrip("/"):
             self._slot.offer(self._path)
         return self._slot
