@@ -30,6 +30,11 @@ from transforms.health import MonitorModel
 from transforms.outcomes import DEAD_LETTER
 from transforms.scoring import INSIGHT, FraudModelHandler, ScoreTransactions, to_scoring_example
 
+# How long an insight may wait for others to be published with (`--publish_max_buffering_secs`):
+# a decision is being waited for, so a tenth of a second here against featurize's quarter
+# (BENCHMARKS.md compares the two).
+BUFFERING_SECS = 0.1
+
 
 class ScoreOptions(PipelineOptions):
     @classmethod
@@ -174,7 +179,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
             args.health_min_events,
             topic=health_topic,
         )
-    _ = tuple(results) | "PublishResults" >> publish_outcomes(options, topics)
+    _ = tuple(results) | "PublishResults" >> publish_outcomes(options, topics, BUFFERING_SECS)
     return ScorePipeline(computed.transactions, scored.insights, (*inputs.dead_letters, *scored.dead_letters), health_records)
 
 

@@ -81,3 +81,11 @@ def test_a_result_without_a_topic_is_refused():
 def test_batching_settings_are_checked(batch_size, buffering):
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         outcomes.PublishThenPersistFn(StoreConfig("p", "i", "t"), {}, batch_size, buffering)
+
+
+def test_the_shared_publisher_sends_a_batch_without_waiting_for_more(services):
+    """The step publishes a whole batch and then waits for it, so the client may hold a message
+    for at most `CLIENT_BATCH_LATENCY_S` (its default, 10 ms, delayed every batch by that much)."""
+    publisher = outcomes.shared_publisher()
+    assert publisher.batch_settings.max_latency == outcomes.CLIENT_BATCH_LATENCY_S < 0.01
+    assert outcomes.shared_publisher() is publisher

@@ -147,3 +147,35 @@ def test_stateful_steps_get_deterministic_key_coders(clean_env, caplog, tmp_path
         pipeline_module.build(pipeline, options)
         pipeline.to_runner_api()
     assert "may not be deterministic" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "module, flags, expected",
+    [("featurize", [], 0.25), ("score", [], 0.1), ("score", ["--publish_max_buffering_secs=2"], 2.0)],
+)
+def test_results_wait_for_others_as_long_as_the_pipeline_or_the_flag_says(clean_env, tmp_path, module, flags, expected):
+    """Insights, which a decision waits for, are batched for a shorter time than feature records."""
+    import importlib
+
+    import apache_beam as beam
+    from apache_beam.pipeline import PipelineVisitor
+
+    from transforms.outcomes import PublishThenPersistFn
+
+    options = PipelineOptions(["--project=rtml-local", f"--model_dir={tmp_path}", *flags])
+    opts.prepare_local_run(options, streaming=True)
+    pipeline = beam.Pipeline(options=options)
+    importlib.import_module(f"beam_pipelines.{module}").build(pipeline, options)
+
+    class FindPublisher(PipelineVisitor):
+        def __init__(self):
+            self.found = []
+
+        def visit_transform(self, node):
+            fn = getattr(node.transform, "fn", None)
+            if isinstance(fn, PublishThenPersistFn):
+                self.found.append(fn)
+
+    visitor = FindPublisher()
+    pipeline.visit(visitor)
+    assert [fn._max_buffering_secs for fn in visitor.found] == [expected]

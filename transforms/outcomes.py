@@ -83,6 +83,11 @@ def state_only(cells) -> tuple[str, Outcome]:
 
 _PUBLISHERS: dict[tuple, Any] = {}
 _PUBLISHERS_LOCK = threading.Lock()
+# How long the Pub/Sub client holds a message for more to send with it. The batches are made
+# here, published in one go and then waited for, so the client's default of 10 ms only delayed
+# every batch: 10 messages published and acknowledged took 14.2 ms (median) against the
+# emulator with it, 3.4 ms with 1 ms.
+CLIENT_BATCH_LATENCY_S = 0.001
 
 
 def shared_publisher():
@@ -92,7 +97,8 @@ def shared_publisher():
     key = (os.getpid(), os.environ.get("PUBSUB_EMULATOR_HOST"))
     with _PUBLISHERS_LOCK:
         if key not in _PUBLISHERS:
-            _PUBLISHERS[key] = pubsub_v1.PublisherClient()
+            settings = pubsub_v1.types.BatchSettings(max_latency=CLIENT_BATCH_LATENCY_S)
+            _PUBLISHERS[key] = pubsub_v1.PublisherClient(batch_settings=settings)
         return _PUBLISHERS[key]
 
 
