@@ -31,13 +31,20 @@ class StreamRun:
     stats: pubsub_tools.ReplayStats | None = None
     replay_started_us: int = 0
 
-    def latencies_ms(self) -> np.ndarray:
+    def latencies_ms(self, after_s: float = 0.0) -> np.ndarray:
+        """Publish-to-output latency of each transaction published at least `after_s` seconds
+        into the replay (a pipeline that starts as the replay does is still starting up at first)."""
+        since_us = self.replay_started_us + after_s * 1e6
         return np.array(
-            [(m.publish_time_us - self.published_at_us[tx]) / 1000 for tx, m in self.outputs.items() if tx in self.published_at_us]
+            [
+                (m.publish_time_us - self.published_at_us[tx]) / 1000
+                for tx, m in self.outputs.items()
+                if tx in self.published_at_us and self.published_at_us[tx] >= since_us
+            ]
         )
 
-    def latency_percentiles(self, *qs: float) -> list[float]:
-        latencies = self.latencies_ms()
+    def latency_percentiles(self, *qs: float, after_s: float = 0.0) -> list[float]:
+        latencies = self.latencies_ms(after_s)
         return [float(np.percentile(latencies, q)) if latencies.size else float("nan") for q in qs]
 
     def throughput(self) -> float:

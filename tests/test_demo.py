@@ -1,8 +1,9 @@
-"""The demo's calendar and history split (pure); the demo itself runs in `make demo`."""
+"""The demo's calendar, history split and latency summary (pure); the demo itself runs in `make demo`."""
 
 import datetime as dt
+import math
 
-from rtml import demo, pubsub_tools, simulator
+from rtml import demo, loadtest, pubsub_tools, simulator
 
 
 def test_the_demo_trains_on_three_weeks_that_end_a_label_delay_week_before_the_streamed_week():
@@ -27,3 +28,18 @@ def test_split_history_keeps_publication_order_and_drops_reports_after_the_end(t
     ]
     assert all(line.published_at < cut for line in first) and all(cut <= line.published_at < end for line in second)
     assert any(line.published_at >= end for line in lines)  # late reports exist and were left out
+
+
+def test_steady_state_latency_leaves_out_the_transactions_published_early_in_the_replay():
+    start = 1_000_000_000_000
+    run = loadtest.StreamRun(replay_started_us=start)
+    # Published 0, 10, 20 and 40 s into the replay; the first waited 5 s, the others 100 ms.
+    for i, (offset_s, latency_ms) in enumerate([(0, 5000), (10, 100), (20, 100), (40, 100)]):
+        published = start + offset_s * 1_000_000
+        run.published_at_us[f"t{i}"] = published
+        run.outputs[f"t{i}"] = pubsub_tools.PulledMessage(b"", {}, published + latency_ms * 1000)
+    assert run.latencies_ms().tolist() == [5000, 100, 100, 100]
+    assert run.latencies_ms(after_s=10).tolist() == [100, 100, 100]
+    assert run.latency_percentiles(50, 100, after_s=30) == [100.0, 100.0]
+    assert run.latency_percentiles(100) == [5000.0]
+    assert all(math.isnan(value) for value in run.latency_percentiles(50, after_s=60))
