@@ -242,3 +242,38 @@ def test_handlers_of_one_model_folder_share_one_slot_loaded_once_per_process(tra
     other.mkdir()
     copy_version(trained.version, other, "20260301-000002")
     assert FraudModelHandler(str(other), poll_secs=None).load_model().current.version == "20260301-000002"
+
+
+def test_a_loaded_version_leaves_the_heap_frozen_and_the_next_load_frees_what_became_garbage(trained, tmp_path):
+    """After a load, the objects the process holds are out of the full collections' way; a
+    cycle of objects frozen then and dropped since is freed at the next load, so replaced
+    versions do not stay in memory."""
+    import gc
+    import weakref
+
+    from tests.test_serving import copy_version
+    from transforms.scoring import ModelSlot
+
+    class Node:
+        pass
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    copy_version(trained.version, model_dir, "20260301-000001")
+    cycle = Node()
+    cycle.itself = cycle
+    alive = weakref.ref(cycle)
+    try:
+        slot = ModelSlot(str(model_dir), poll_secs=None)
+        slot.load_newest()
+        assert gc.get_freeze_count() > 0
+        del cycle
+        gc.collect()
+        assert alive() is not None  # frozen: full collections skip it
+        copy_version(trained.version, model_dir, "20260301-000002")
+        slot.load_newest()
+        assert slot.current.version == "20260301-000002"
+        assert alive() is None
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

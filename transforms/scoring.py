@@ -18,6 +18,7 @@ Beam's watcher instead, on runners that support it (Dataflow).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -150,6 +151,7 @@ class ModelSlot:
         else:
             _LOG.info("serving model version %s", loaded.version)
         self.current = loaded
+        settle_heap()
         return True
 
     def refresh(self):
@@ -164,6 +166,20 @@ class ModelSlot:
                     self.load_newest()
                     self._checked_at = time.monotonic()
         return self.current
+
+
+def settle_heap() -> None:
+    """Collect garbage, then leave what the process holds now (TensorFlow, Beam, the model) out of
+    Python's later full collections (`gc.freeze`).
+
+    Those collections walk every tracked object, and with a model loaded one took about 250 ms,
+    stalling every transaction in flight: the worst 1% of 3,000 transactions at 100 events/s
+    were those around one of them. Called after each model load, unfreezing first, so that a
+    replaced version's objects can still be collected.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class FraudModelHandler(ModelHandler[ScoringExample, dict, ModelSlot]):
