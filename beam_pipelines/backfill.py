@@ -35,6 +35,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import options as opts
 from rtml import entity_store, examples, history
+from transforms import dofn
 from transforms.features import StoreConfig
 
 RANGE_BYTES = 16 * 1024 * 1024
@@ -147,7 +148,7 @@ class ExampleColumnsCoder(beam.coders.Coder):
 beam.coders.registry.register_coder(history.ExampleColumns, ExampleColumnsCoder)
 
 
-class SplitFilesFn(beam.DoFn):
+class SplitFilesFn(dofn.DoFn):
     """Cut each input file into byte ranges `(file_index, path, start, end)` to parse in parallel."""
 
     def __init__(self, range_bytes: int = RANGE_BYTES):
@@ -183,7 +184,7 @@ def lines_in_range(handle, start: int, end: int):
         position += len(line)
 
 
-class ParseRangeFn(beam.DoFn):
+class ParseRangeFn(dofn.DoFn):
     """Parse and validate the lines of one byte range; emit event rows grouped by terminal shard."""
 
     REJECTED = "rejected"
@@ -305,7 +306,7 @@ class CustomerShardFn(_StateSaver, beam.DoFn):
         return result.duplicates, columns
 
 
-class WriteExamplesFn(beam.DoFn):
+class WriteExamplesFn(dofn.DoFn):
     """Write one shard of examples as `examples-SSSSS-of-NNNNN.tfrecord` (rewritten whole on retry)."""
 
     def __init__(self, directory: str, shards: int):

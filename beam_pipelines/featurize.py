@@ -23,6 +23,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import options as opts
 from rtml import config, events
+from transforms import dofn
 from transforms.features import ComputedFeatures, ComputeFeatures, FeaturedTransaction, load_transactions
 from transforms.outcomes import DEAD_LETTER, PublishOutcomes, outcome
 from transforms.validation import InputEvents, ReadEvents
@@ -92,7 +93,7 @@ def publish_outcomes(
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> FeaturizePipeline:
     output_topic = opts.resolve_output_topic(options, config.FEATURES_TOPIC)
     io, inputs, computed = read_and_featurize(pipeline, options)
-    records = computed.transactions | "ToMessage" >> beam.Map(
+    records = computed.transactions | "ToMessage" >> dofn.Map(
         lambda item: outcome(FEATURES, feature_message(item), item.cells)
     )
     _ = (records, *input_outcomes(inputs, computed)) | "PublishFeatures" >> publish_outcomes(

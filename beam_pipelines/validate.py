@@ -19,6 +19,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from beam_pipelines import options as opts
 from rtml import config, events
+from transforms import dofn
 from transforms.validation import ReadEvents, WriteDeadLetters
 
 
@@ -43,7 +44,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ValidatePipeline
     _ = (
         (inputs.transactions, inputs.feedback)
         | "FlattenEvents" >> beam.Flatten()
-        | "ToMessage" >> beam.Map(event_message)
+        | "ToMessage" >> dofn.Map(event_message).with_output_types(PubsubMessage)
         | "PublishEvents" >> WriteToPubSub(output_topic, with_attributes=True)
     )
     _ = inputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(io.dead_letter_topic)

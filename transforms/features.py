@@ -36,7 +36,7 @@ from apache_beam.utils.timestamp import Timestamp
 from rtml import entity_store as store
 from rtml import events
 from rtml.features import Entry, Report
-from transforms import outcomes
+from transforms import dofn, outcomes
 
 FEEDBACK_STATE_TAG = "feedback_state"
 _LOG = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _counter(name: str):
     return Metrics.counter("features", name)
 
 
-class _EntityFn(beam.DoFn):
+class _EntityFn(dofn.DoFn):
     """Shared plumbing: the Bigtable store, created once per worker, and RPC counters."""
 
     def __init__(self, config: StoreConfig, kind: str):
@@ -95,7 +95,7 @@ _KNOWN_KEYS: dict[str, dict[bytes, None]] = {}
 _KNOWN_LOCK = threading.Lock()
 
 
-class LoadEntitiesFn(beam.DoFn):
+class LoadEntitiesFn(dofn.DoFn):
     """Attach the stored rows of entities this worker has not loaded yet: one read per bundle.
 
     Elements leave as `(event, customer_row, terminal_row)`, passed through `key` when given
@@ -394,7 +394,7 @@ class ComputeFeatures(beam.PTransform):
         return ComputedFeatures(featured.featured, reports[FEEDBACK_STATE_TAG])
 
 
-class WriteBatchFn(beam.DoFn):
+class WriteBatchFn(dofn.DoFn):
     """Write one batch of `(row_key, [Cell])` with one Bigtable request (retried with backoff)."""
 
     def __init__(self, config: StoreConfig):

@@ -41,7 +41,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from models import loader
 from rtml import drift, events, health
-from transforms import outcomes
+from transforms import dofn, outcomes
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "health"
@@ -109,7 +109,7 @@ class Observer:
         return WindowedValue((HEALTH_KEY, ("stats", self._stats)), Timestamp.of(time.time()), [GlobalWindow()])
 
 
-class ObserveFn(beam.DoFn):
+class ObserveFn(dofn.DoFn):
     """(insight, latency in ms) -> what `MonitorModel` takes: `(customer_id, ("scored", ...))`
     per insight and one `(HEALTH_KEY, ("stats", {version: WindowStats}))` per bundle. The
     scoring pipeline does the same inside `AssembleInsightFn`, saving a step."""
@@ -146,7 +146,7 @@ def report_event(feedback: events.Feedback) -> tuple[str, tuple]:
     return feedback.customer_id, ("report", feedback.transaction_id, feedback.is_fraud, feedback.event_time_us)
 
 
-class LabelJoinFn(beam.DoFn):
+class LabelJoinFn(dofn.DoFn):
     """Per customer: joins insights with fraud reports; emits fraud-label changes of scored
     transactions. Window stats (key `HEALTH_KEY`) pass through unchanged, on their way to `HealthFn`."""
 
@@ -177,7 +177,7 @@ class LabelJoinFn(beam.DoFn):
             yield HEALTH_KEY, ("labels", deltas)
 
 
-class HealthFn(beam.DoFn):
+class HealthFn(dofn.DoFn):
     """One key: per-period buckets of window stats and cumulative label tallies; a record per
     version each period, published to `topic` (if given) before it is output."""
 
@@ -306,7 +306,7 @@ class MonitorModel(beam.PTransform):
         observed, feedback = inputs
         # Typed (str key, value) pairs all the way: the stateful steps need a deterministic key coder.
         keyed = tuple[str, Any]
-        reports = feedback | "ReportsByCustomer" >> beam.Map(report_event).with_output_types(keyed)
+        reports = feedback | "ReportsByCustomer" >> dofn.Map(report_event).with_output_types(keyed)
         return (
             (observed, reports)
             | "FlattenLabelEvents" >> beam.Flatten().with_output_types(keyed)

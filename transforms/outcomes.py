@@ -39,6 +39,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from apache_beam.utils.timestamp import Timestamp
 
 from rtml import entity_store as store
+from transforms import dofn
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "outcomes"
@@ -102,7 +103,7 @@ def shared_publisher():
         return _PUBLISHERS[key]
 
 
-class PublishThenPersistFn(beam.DoFn):
+class PublishThenPersistFn(dofn.DoFn):
     """Per shard: buffer outcomes until `batch_size` or `max_buffering_secs` after the first,
     then publish the batch, wait for every acknowledgement, and write its cells in one request.
 

@@ -37,7 +37,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 from models import decisions, loader
 from models.features import RAW_FEATURES
 from rtml import events
-from transforms import health, outcomes
+from transforms import dofn, health, outcomes
 from transforms.validation import dead_letter_outcome
 
 _LOG = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def insight_record(example: ScoringExample, inference: dict, processed_at_us: in
     }
 
 
-class AssembleInsightFn(beam.DoFn):
+class AssembleInsightFn(dofn.DoFn):
     """(transaction_id, PredictionResult) -> insight dict; counts decisions and publish-to-emit latency.
 
     Also an `OUTCOMES` output: each insight or dead letter as the keyed `Outcome` to publish;
@@ -425,7 +425,7 @@ class ScoreTransactions(beam.PTransform):
         assembled = predictions | "AssembleInsights" >> beam.ParDo(assemble).with_outputs(
             DEAD_LETTERS, OBSERVATIONS, OUTCOMES, main="insights"
         )
-        failed = errors.failed_inferences | "FailedInferences" >> beam.FlatMap(failed_batch_dead_letters).with_outputs(
+        failed = errors.failed_inferences | "FailedInferences" >> dofn.FlatMap(failed_batch_dead_letters).with_outputs(
             OUTCOMES, main="dead_letters"
         )
         return Scored(

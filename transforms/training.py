@@ -9,6 +9,7 @@ import apache_beam as beam
 
 from models.features import EVENT_TIME, LABEL, RAW_FEATURES
 from rtml import drift, examples
+from transforms import dofn
 
 
 class TrainingWindow(NamedTuple):
@@ -19,7 +20,7 @@ class TrainingWindow(NamedTuple):
     end_us: int
 
 
-class SplitByTimeFn(beam.DoFn):
+class SplitByTimeFn(dofn.DoFn):
     """Serialized example -> (split, serialized, raw feature dict) for examples in the window."""
 
     TRAIN = "train"

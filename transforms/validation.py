@@ -10,7 +10,7 @@ from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub, WriteToPubS
 from apache_beam.metrics import Metrics
 
 from rtml import events
-from transforms import outcomes
+from transforms import dofn, outcomes
 
 DEAD_LETTER_TAG = "dead_letter"
 OUTCOMES_TAG = "outcomes"
@@ -28,7 +28,7 @@ def message_parts(message: Any) -> tuple[bytes, Mapping[str, str]]:
     raise TypeError(f"expected a PubsubMessage or bytes, got {type(message).__name__}")
 
 
-class ValidateMessageFn(beam.DoFn):
+class ValidateMessageFn(dofn.DoFn):
     """Parse one source's messages; a message that fails becomes one dead-letter record.
 
     `parse` raises `events.InvalidMessage` for a contract violation. Any other exception is a
@@ -177,7 +177,7 @@ class WriteDeadLetters(beam.PTransform):
             dead_letters = tuple(dead_letters) | "FlattenDeadLetters" >> beam.Flatten()
         return (
             dead_letters
-            | "ToMessage" >> beam.Map(dead_letter_message)
+            | "ToMessage" >> dofn.Map(dead_letter_message).with_output_types(PubsubMessage)
             | "Publish" >> WriteToPubSub(self._topic, with_attributes=True)
         )
 

@@ -1,0 +1,71 @@
+"""`DoFn`: a `beam.DoFn` whose method signatures Beam reads once per class, not once per bundle.
+
+Before each bundle a runner builds its `DoFnRunner`, and the local runner does so for every
+step on every wave of input: Beam then lists the DoFn's arguments by inspecting every method
+it has (`userstate.get_dofn_specs`, which looks for state and timer parameters), about 29
+methods at some 20 us each, several times per bundle. In a streaming pipeline on the local
+runner that was the largest single cost of the worker thread (BENCHMARKS.md).
+
+Beam asks the DoFn first: `core.get_function_arguments(dofn, name)` returns
+`dofn._inspect_<name>()` when the DoFn has one (Beam's own wrappers of plain callables use this
+to describe the callable they wrap). This class answers it for every method from a cache kept
+per class, filled by Beam's own inspection the first time, so Beam sees exactly the arguments
+it would have found. A method's signature must not vary between instances of one class (no
+instance attribute may stand in for a method), which holds for every DoFn of the project.
+"""
+
+import threading
+
+import apache_beam as beam
+from apache_beam.transforms import core
+
+_PREFIX = "_inspect_"
+_SIGNATURES: dict[tuple[type, str], tuple[list, list]] = {}
+_LOCK = threading.Lock()
+
+
+class DoFn(beam.DoFn):
+    def __getattr__(self, name: str):
+        # Called only for attributes the object lacks: the `_inspect_*` answers (and misses).
+        if not name.startswith(_PREFIX):
+            raise AttributeError(name)
+        method_name = name[len(_PREFIX) :]
+        key = (type(self), method_name)
+        found = _SIGNATURES.get(key)
+        if found is None:
+            # Beam's inspection of the method; AttributeError (hence "no answer") if there is none.
+            found = core.get_function_args_defaults(getattr(self, method_name))
+            with _LOCK:
+                _SIGNATURES[key] = found
+        args, defaults = found
+        # Fresh lists each time, as inspection would give: no caller can change the cached ones.
+        return lambda: (list(args), list(defaults))
+
+
+class _MapFn(DoFn):
+    def __init__(self, fn, flat: bool):
+        self._fn = fn
+        self._flat = flat
+
+    def process(self, element):
+        if self._flat:
+            yield from self._fn(element)
+        else:
+            yield self._fn(element)
+
+
+def _element_only(fn):
+    _, defaults = core.get_function_args_defaults(fn)
+    if any(isinstance(default, core._DoFnParam) for default in defaults):
+        raise TypeError(f"{fn!r} asks for DoFn parameters (timestamp, window, ...): use beam.Map or a DoFn")
+    return fn
+
+
+def Map(fn) -> beam.ParDo:  # noqa: N802 (named like beam.Map, which it stands in for)
+    """`beam.Map(fn)` with the signature cache of `DoFn`; `fn` takes the element alone."""
+    return beam.ParDo(_MapFn(_element_only(fn), flat=False))
+
+
+def FlatMap(fn) -> beam.ParDo:  # noqa: N802 (named like beam.FlatMap)
+    """`beam.FlatMap(fn)` with the signature cache of `DoFn`; `fn` takes the element alone."""
+    return beam.ParDo(_MapFn(_element_only(fn), flat=True))
