@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -98,6 +98,7 @@ class LoadedModel:
     path: str
     metadata: dict
     saved_model: Any
+    _by_matrix: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def version(self) -> str:
@@ -107,20 +108,52 @@ class LoadedModel:
     def thresholds(self) -> dict:
         return self.metadata["thresholds"]
 
-    def _inputs(self, features: dict[str, np.ndarray]) -> dict:
+    def _call(self, signature: str, values: np.ndarray) -> dict:
+        """A signature run on a [batch, len(RAW_FEATURES)] matrix, columns in RAW_FEATURES order.
+
+        The signatures take one tensor per feature; converting 15 arrays one by one was about
+        40% of a small batch's time. So the matrix goes in as one tensor and is split into the
+        signature's inputs inside a graph traced once per signature.
+        """
         import tensorflow as tf
 
-        return {name: tf.constant(np.asarray(features[name], dtype=np.float32)) for name in RAW_FEATURES}
+        call = self._by_matrix.get(signature)
+        if call is None:
+            call = self._by_matrix[signature] = _by_matrix(self.saved_model.signatures[signature])
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim != 2 or values.shape[1] != len(RAW_FEATURES):
+            raise ValueError(f"expected a [batch, {len(RAW_FEATURES)}] matrix of features, got shape {values.shape}")
+        return call(tf.constant(values))
+
+    @staticmethod
+    def _matrix(features: dict[str, np.ndarray]) -> np.ndarray:
+        return np.stack([np.asarray(features[name], dtype=np.float32) for name in RAW_FEATURES], axis=1)
 
     def score(self, features: dict[str, np.ndarray]) -> np.ndarray:
         """Fraud scores for a batch: `features` maps every raw feature name to a 1-D array."""
-        outputs = self.saved_model.signatures[SERVING_SIGNATURE](**self._inputs(features))
-        return outputs["score"].numpy()
+        return self._call(SERVING_SIGNATURE, self._matrix(features))["score"].numpy()
 
     def explain(self, features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Scores and per-feature contributions ([batch, len(RAW_FEATURES)]) in one call."""
-        outputs = self.saved_model.signatures[EXPLAIN_SIGNATURE](**self._inputs(features))
+        return self.explain_matrix(self._matrix(features))
+
+    def explain_matrix(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`explain` for a [batch, len(RAW_FEATURES)] matrix, columns in RAW_FEATURES order."""
+        outputs = self._call(EXPLAIN_SIGNATURE, values)
         return outputs["score"].numpy(), outputs["contributions"].numpy()
+
+
+def _by_matrix(signature):
+    """`signature` (one float32 input per raw feature) as a concrete function of one matrix."""
+    import tensorflow as tf
+
+    width = len(RAW_FEATURES)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, width], tf.float32)])
+    def call(values):
+        return signature(**dict(zip(RAW_FEATURES, tf.unstack(values, num=width, axis=1), strict=True)))
+
+    return call.get_concrete_function()
 
 
 def load(version_dir: str) -> LoadedModel:

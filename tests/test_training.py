@@ -158,6 +158,32 @@ def test_loaded_signature_scores_the_examples_and_reasons_come_from_the_same_cal
 
 
 @pytest.mark.slow
+def test_a_batch_goes_in_as_one_matrix_and_scores_as_the_signatures_do_feature_by_feature(exported, examples_dir):
+    import tensorflow as tf
+
+    from models.serving import EXPLAIN_SIGNATURE, SERVING_SIGNATURE
+    from rtml import examples
+
+    model = loader.load(exported)
+    batch = examples.read_columns(str(examples_dir), pattern="examples-00000-*")
+    by_feature = {name: tf.constant(np.asarray(batch[name], dtype=np.float32)) for name in RAW_FEATURES}
+    served = model.saved_model.signatures[SERVING_SIGNATURE](**by_feature)
+    explained = model.saved_model.signatures[EXPLAIN_SIGNATURE](**by_feature)
+    matrix = np.stack([np.asarray(batch[name], dtype=np.float32) for name in RAW_FEATURES], axis=1)
+    scores, contributions = model.explain_matrix(matrix)
+    np.testing.assert_allclose(scores, explained["score"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(contributions, explained["contributions"].numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(model.score(batch), served["score"].numpy(), rtol=1e-6)
+    # Columns are taken in RAW_FEATURES order: swapping two changes the answer.
+    swapped = matrix[:, [1, 0, *range(2, len(RAW_FEATURES))]]
+    assert not np.allclose(model.explain_matrix(swapped)[1], contributions)
+    one, _ = model.explain_matrix(matrix[:1])
+    assert one.shape == (1,) and one[0] == pytest.approx(scores[0], rel=1e-6)
+    with pytest.raises(ValueError, match=f"\\[batch, {len(RAW_FEATURES)}\\] matrix"):
+        model.explain_matrix(matrix[:, :-1])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("tamper", ["changed", "missing", "extra", "metadata_hash"])
 def test_a_tampered_version_is_refused(exported, tmp_path, tamper):
     copy = tmp_path / "version"

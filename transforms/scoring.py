@@ -232,7 +232,7 @@ class FraudModelHandler(ModelHandler[ScoringExample, dict, ModelSlot]):
         usable = [i for i, inference in enumerate(inferences) if inference["error"] is None]
         if usable:
             values = np.array([[batch[i].features[name] for name in RAW_FEATURES] for i in usable], dtype=np.float32)
-            scores, contributions = served.explain({name: values[:, j] for j, name in enumerate(RAW_FEATURES)})
+            scores, contributions = served.explain_matrix(values)
             thresholds = served.thresholds
             chosen = decisions.decide(scores, thresholds["review"], thresholds["decline"])
             reasons = decisions.top_reasons(contributions, values, RAW_FEATURES)
