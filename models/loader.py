@@ -98,7 +98,7 @@ class LoadedModel:
     path: str
     metadata: dict
     saved_model: Any
-    _by_matrix: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _matrix_calls: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def version(self) -> str:
@@ -117,9 +117,9 @@ class LoadedModel:
         """
         import tensorflow as tf
 
-        call = self._by_matrix.get(signature)
+        call = self._matrix_calls.get(signature)
         if call is None:
-            call = self._by_matrix[signature] = _by_matrix(self.saved_model.signatures[signature])
+            call = self._matrix_calls[signature] = _by_matrix(self.saved_model.signatures[signature])
         values = np.asarray(values, dtype=np.float32)
         if values.ndim != 2 or values.shape[1] != len(RAW_FEATURES):
             raise ValueError(f"expected a [batch, {len(RAW_FEATURES)}] matrix of features, got shape {values.shape}")

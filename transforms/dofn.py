@@ -14,14 +14,11 @@ it would have found. A method's signature must not vary between instances of one
 instance attribute may stand in for a method), which holds for every DoFn of the project.
 """
 
-import threading
-
 import apache_beam as beam
 from apache_beam.transforms import core
 
 _PREFIX = "_inspect_"
 _SIGNATURES: dict[tuple[type, str], tuple[list, list]] = {}
-_LOCK = threading.Lock()
 
 
 class DoFn(beam.DoFn):
@@ -34,9 +31,8 @@ class DoFn(beam.DoFn):
         found = _SIGNATURES.get(key)
         if found is None:
             # Beam's inspection of the method; AttributeError (hence "no answer") if there is none.
-            found = core.get_function_args_defaults(getattr(self, method_name))
-            with _LOCK:
-                _SIGNATURES[key] = found
+            # Two threads may both inspect a class first: they store the same answer.
+            found = _SIGNATURES[key] = core.get_function_args_defaults(getattr(self, method_name))
         args, defaults = found
         # Fresh lists each time, as inspection would give: no caller can change the cached ones.
         return lambda: (list(args), list(defaults))
