@@ -35,6 +35,11 @@ from transforms.scoring import INSIGHT, FraudModelHandler, ScoreTransactions, to
 # (BENCHMARKS.md compares the two).
 BUFFERING_SECS = 0.1
 
+# The delayed-label join's keys on the local runners (`--label_join_buckets`): they scan every
+# key of every stateful step after each bundle, and a key per customer made that scan a third
+# longer (BENCHMARKS.md).
+LOCAL_LABEL_BUCKETS = 16
+
 
 class ScoreOptions(PipelineOptions):
     @classmethod
@@ -93,6 +98,14 @@ class ScoreOptions(PipelineOptions):
             help="Population stability index from which a feature counts as drifted (default: %(default)s).",
         )
         parser.add_argument(
+            "--label_join_buckets",
+            type=int,
+            default=None,
+            help="How many keys the delayed-label join spreads customers over; 0: a key per customer. "
+            f"Default: {LOCAL_LABEL_BUCKETS} on the local runners, which scan every key of a stateful step "
+            "after every bundle, and 0 elsewhere.",
+        )
+        parser.add_argument(
             "--health_min_events",
             type=int,
             default=health.DEFAULT_MIN_EVENTS,
@@ -125,6 +138,8 @@ def check(options: PipelineOptions) -> str:
         raise ValueError("--psi_threshold must be > 0")
     if args.health_min_events < 1:
         raise ValueError("--health_min_events must be at least 1")
+    if args.label_join_buckets is not None and args.label_join_buckets < 0:
+        raise ValueError("--label_join_buckets must be >= 0 (0: a key per customer)")
     if args.health_topic is not None:
         opts.check_topic_path("health_topic", args.health_topic)
     if args.model_updates == "side_input" and opts.is_local(options):
@@ -133,6 +148,14 @@ def check(options: PipelineOptions) -> str:
             "use the default --model_updates=handler locally"
         )
     return model_dir
+
+
+def label_join_buckets(options: PipelineOptions) -> int:
+    """`--label_join_buckets`, or its default for the runner."""
+    chosen = options.view_as(ScoreOptions).label_join_buckets
+    if chosen is not None:
+        return chosen
+    return LOCAL_LABEL_BUCKETS if opts.is_local(options) else 0
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
@@ -149,6 +172,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
         batch_size=args.inference_max_batch_size if batch_in_features else None,
     )
     by_side_input = args.model_updates == "side_input"
+    label_buckets = label_join_buckets(options)
     handler = FraudModelHandler(
         model_dir,
         poll_secs=None if by_side_input else args.model_poll_secs,
@@ -162,6 +186,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
         observe=not args.no_health,
         keyed=True,
         batched=batch_in_features,
+        label_buckets=label_buckets,
     )
     # Insights, the dead letters of validation and of scoring, and fraud reports' state cells go
     # out through one publishing step (transforms.outcomes); health records, which carry no
@@ -178,6 +203,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
             args.psi_threshold,
             args.health_min_events,
             topic=health_topic,
+            label_buckets=label_buckets,
         )
     _ = tuple(results) | "PublishResults" >> publish_outcomes(options, topics, BUFFERING_SECS)
     return ScorePipeline(computed.transactions, scored.insights, (*inputs.dead_letters, *scored.dead_letters), health_records)

@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import bisect
 import math
+import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from models import decisions
@@ -204,48 +205,82 @@ def apply(tallies: dict[str, LabelTally], delta: LabelDelta) -> None:
     tallies.setdefault(delta.model_version, LabelTally()).frauds[delta.decision] += delta.fraud
 
 
-@dataclass
-class CustomerLabels:
-    """The label join for one customer: who scored each transaction, and its latest report.
+# A scored transaction in the label join's log: (transaction_id, model_version, decision, event_time_us).
+ScoredEntry = tuple[str, str, str, int]
 
-    `scored` maps transaction_id -> [model_version, decision, event_time_us]; `reports` maps
-    transaction_id -> (is_fraud, event_time_us) for the latest report of each transaction (whether
-    or not it was scored yet). Entries older than `retention_us` before the newest event time seen
-    are pruned, which bounds memory.
+
+def label_key(customer_id: str, buckets: int) -> str:
+    """The label join's key for a customer: the customer itself (`buckets` 0), else one of
+    `buckets` buckets of customers. A customer's insights and reports always meet under it."""
+    if buckets < 0:
+        raise ValueError(f"label join buckets must be >= 0, got {buckets}")
+    if not buckets:
+        return customer_id
+    return str(zlib.crc32(customer_id.encode("utf-8")) % buckets)
+
+
+@dataclass
+class JoinedLabels:
+    """The label join for one key (a customer, or a bucket of customers; see `label_key`).
+
+    Who scored a transaction goes to an append-only log (the caller's, a Beam bag: appending
+    reads nothing), searched only when a report of a transaction not resolved yet arrives.
+    This object holds what is small: `reports` maps transaction_id -> (is_fraud, event_time_us),
+    the latest report of each reported transaction (scored yet or not); `resolved` maps
+    transaction_id -> (model_version, decision, event_time_us) for reported transactions whose
+    scoring is known. `prune` forgets what is older than a retention, by event time.
     """
 
-    scored: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     reports: dict[str, tuple[bool, int]] = field(default_factory=dict)
-    newest_us: int = 0
+    resolved: dict[str, tuple[str, str, int]] = field(default_factory=dict)
 
-    def on_scored(self, transaction_id: str, model_version: str, decision: str, event_time_us: int) -> list[LabelDelta]:
-        """Remember who scored a transaction; a label change if a fraud report came first."""
-        if transaction_id in self.scored:
-            return []  # one insight per transaction; a repeat changes nothing
-        self.scored[transaction_id] = (model_version, decision, event_time_us)
-        self.newest_us = max(self.newest_us, event_time_us)
-        return [LabelDelta(model_version, decision, 1)] if self.reports.get(transaction_id, (False, 0))[0] else []
+    def on_scored(self, entry: ScoredEntry) -> tuple[list[LabelDelta], bool]:
+        """A scored transaction: `(label changes, whether to append it to the log)`. If a report
+        came first it is resolved here instead (this object changed); a repeat changes nothing."""
+        transaction_id, model_version, decision, event_time_us = entry
+        if transaction_id in self.resolved:
+            return [], False  # one insight per transaction; a repeat changes nothing
+        if transaction_id not in self.reports:
+            return [], True
+        self.resolved[transaction_id] = (model_version, decision, event_time_us)
+        return ([LabelDelta(model_version, decision, 1)] if self.reports[transaction_id][0] else []), False
 
-    def on_report(self, transaction_id: str, is_fraud: bool, event_time_us: int) -> list[LabelDelta]:
-        """The latest report wins; a label change if it flips a scored transaction's label."""
+    def on_report(
+        self, transaction_id: str, is_fraud: bool, event_time_us: int, log: Callable[[], Iterable[ScoredEntry]]
+    ) -> list[LabelDelta]:
+        """The latest report wins; a label change if it flips a scored transaction's label.
+        `log()` gives the scored log; it is read only for a transaction not resolved yet."""
         before = self.reports.get(transaction_id, (False, 0))[0]
         self.reports[transaction_id] = (is_fraud, event_time_us)
-        self.newest_us = max(self.newest_us, event_time_us)
-        if before == is_fraud or transaction_id not in self.scored:
+        if transaction_id not in self.resolved:
+            for tx, model_version, decision, scored_us in log():
+                if tx == transaction_id:
+                    self.resolved[tx] = (model_version, decision, scored_us)
+                    break
+        if before == is_fraud or transaction_id not in self.resolved:
             return []
-        version, decision, _ = self.scored[transaction_id]
+        version, decision, _ = self.resolved[transaction_id]
         return [LabelDelta(version, decision, 1 if is_fraud else -1)]
 
-    def prune(self, retention_us: int) -> int:
-        """Forget entries whose event time is more than `retention_us` before the newest; how many."""
-        horizon = self.newest_us - retention_us
-        old_scored = [tx for tx, (_, _, t) in self.scored.items() if t < horizon]
+    def prune(self, retention_us: int, log: list[ScoredEntry]) -> tuple[list[ScoredEntry], int]:
+        """Forget entries whose event time is more than `retention_us` before the newest seen
+        (here or in `log`); returns the log's entries to keep and how many entries went."""
+        times = [t for *_, t in log] + [t for _, t in self.reports.values()] + [t for *_, t in self.resolved.values()]
+        if not times:
+            return log, 0
+        horizon = max(times) - retention_us
+        kept = [entry for entry in log if entry[3] >= horizon]
         old_reports = [tx for tx, (_, t) in self.reports.items() if t < horizon]
-        for tx in old_scored:
-            del self.scored[tx]
+        old_resolved = [tx for tx, (*_, t) in self.resolved.items() if t < horizon]
         for tx in old_reports:
             del self.reports[tx]
-        return len(old_scored) + len(old_reports)
+        for tx in old_resolved:
+            del self.resolved[tx]
+        return kept, len(log) - len(kept) + len(old_reports) + len(old_resolved)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.reports or self.resolved)
 
 
 def health_record(

@@ -132,38 +132,125 @@ def brute_force_labels(insights, reports) -> dict[str, dict]:
     return result
 
 
-_event = st.tuples(st.sampled_from(["scored", "report"]), st.integers(0, 7), st.sampled_from(["v1", "v2"]), st.sampled_from(decisions.DECISIONS), st.booleans())
+_event = st.tuples(
+    st.sampled_from(["scored", "report"]),
+    st.integers(0, 7),
+    st.sampled_from(["v1", "v2"]),
+    st.sampled_from(decisions.DECISIONS),
+    st.booleans(),
+)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(_event, max_size=40))
-def test_the_label_join_matches_brute_force_in_any_order(stream):
-    joined, tallies = health.CustomerLabels(), {}
+class _Key:
+    """One key of the label join as `LabelJoinFn` keeps it: the small state and the scored log."""
+
+    def __init__(self):
+        self.joined = health.JoinedLabels()
+        self.log: list = []
+        self.log_reads = 0
+
+    def read_log(self):
+        self.log_reads += 1
+        return iter(self.log)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_event, max_size=40), st.sampled_from([0, 1, 3]))
+def test_the_label_join_matches_brute_force_in_any_order(stream, buckets):
+    keys: dict[str, _Key] = {}
+    tallies: dict = {}
     insights, reports = [], []
     for kind, n, version, decision, is_fraud in stream:
-        tx = f"t{n}"
+        tx, customer = f"t{n}", f"c{n % 3}"
+        key = keys.setdefault(health.label_key(customer, buckets), _Key())
         if kind == "scored":
-            if any(i["transaction_id"] == tx for i in insights):
-                continue  # one insight per transaction
-            insights.append({"transaction_id": tx, "model_version": version, "decision": decision})
-            tallies.setdefault(version, health.LabelTally()).count_scored({decision: 1})
-            deltas = joined.on_scored(tx, version, decision, n)
+            # A repeated insight (say, a redelivery after a crash) reaches the join too: the first counts.
+            if not any(i["transaction_id"] == tx for i in insights):
+                insights.append({"transaction_id": tx, "model_version": version, "decision": decision})
+                tallies.setdefault(version, health.LabelTally()).count_scored({decision: 1})
+            deltas, append = key.joined.on_scored((tx, version, decision, n))
+            if append:
+                key.log.append((tx, version, decision, n))
         else:
             reports.append({"transaction_id": tx, "is_fraud": is_fraud})
-            deltas = joined.on_report(tx, is_fraud, n)
+            reads = key.log_reads
+            resolved = tx in key.joined.resolved
+            deltas = key.joined.on_report(tx, is_fraud, n, key.read_log)
+            assert key.log_reads == reads + (not resolved)  # the log is read only for an unresolved one
         for delta in deltas:
             health.apply(tallies, delta)
     expected = brute_force_labels(insights, reports)
     assert {version: tally.record() for version, tally in tallies.items() if tally.scored} == expected
+    # A transaction reported before it was first scored never reaches the log.
+    first: dict[tuple[str, int], int] = {}
+    for i, (kind, n, *_) in enumerate(stream):
+        first.setdefault((kind, n), i)
+    reported_first = {f"t{n}" for (kind, n), i in first.items() if kind == "scored" and first.get(("report", n), i) < i}
+    assert not reported_first & {entry[0] for key in keys.values() for entry in key.log}
+
+
+def test_label_keys_keep_a_customer_together_and_bucket_as_asked():
+    customers = [f"C{i:05d}" for i in range(1000)]
+    assert all(health.label_key(c, 0) == c for c in customers)
+    for buckets in (1, 16):
+        keys = {health.label_key(c, buckets) for c in customers}
+        assert keys == {str(b) for b in range(buckets)}
+        assert health.label_key("C00007", buckets) == health.label_key("C00007", buckets)
+    with pytest.raises(ValueError, match=">= 0"):
+        health.label_key("C1", -1)
 
 
 def test_the_label_join_forgets_old_entries():
-    joined = health.CustomerLabels()
-    joined.on_scored("old", "v1", "review", 0)
-    joined.on_report("older", True, 0)
-    joined.on_scored("new", "v1", "review", 61 * DAY_US)
-    assert joined.prune(60 * DAY_US) == 2
-    assert set(joined.scored) == {"new"} and not joined.reports
+    joined = health.JoinedLabels()
+    joined.on_report("older", True, 0, lambda: iter(()))
+    joined.on_report("reported", False, 59 * DAY_US, lambda: iter(()))
+    _, append = joined.on_scored(("reported", "v1", "review", 59 * DAY_US))
+    assert not append and "reported" in joined.resolved
+    log = [("old", "v1", "review", 0), ("new", "v1", "review", 61 * DAY_US)]
+    kept, pruned = joined.prune(60 * DAY_US, log)
+    assert pruned == 2 and kept == [("new", "v1", "review", 61 * DAY_US)]
+    assert set(joined.reports) == {"reported"} and set(joined.resolved) == {"reported"}
+    kept, pruned = joined.prune(DAY_US, kept)
+    assert pruned == 2 and joined.empty and kept == [("new", "v1", "review", 61 * DAY_US)]
+    assert health.JoinedLabels().prune(DAY_US, []) == ([], 0)
+
+
+_DELTAS: list = []  # what `LabelJoinFn` emitted, collected by reference (in-process DirectRunner)
+
+
+def _collect_delta(element) -> None:
+    _DELTAS.append(element)
+
+
+def test_the_join_step_prunes_its_log_on_its_timer_and_a_late_report_then_finds_nothing():
+    from transforms.health import LabelJoinFn
+
+    now = time.time()
+    before = [
+        ("k", ("scored", "old", "v1", "review", 0)),
+        ("k", ("scored", "new", "v1", "decline", 61 * DAY_US)),
+        ("k", ("scored", "first", "v1", "review", 61 * DAY_US)),
+    ]
+    after = [("k", ("report", "old", True, 0)), ("k", ("report", "new", True, 61 * DAY_US))]
+    stream = (
+        TestStream()
+        .add_elements([TimestampedValue(e, now) for e in before])
+        .advance_processing_time(int(now + LabelJoinFn.PRUNE_EVERY_S + 60))  # the test clock starts at 0
+        .add_elements([TimestampedValue(e, now) for e in after])
+        .advance_watermark_to_infinity()
+    )
+    _DELTAS.clear()
+    options = PipelineOptions(runner="BundleBasedDirectRunner")
+    options.view_as(StandardOptions).streaming = True
+    with beam.Pipeline(options=options) as pipeline:
+        joined = (
+            pipeline
+            | stream
+            | beam.ParDo(LabelJoinFn()).with_input_types(tuple[str, tuple]).with_output_types(tuple[str, tuple])
+        )
+        _ = joined | beam.Map(_collect_delta)
+    # "old" was 61 days older than the newest entry when the timer fired: its report finds nothing.
+    assert _DELTAS == [("health", ("labels", [health.LabelDelta("v1", "decline", 1)]))]
 
 
 # --- the Beam transform on real features ---------------------------------------------------------
@@ -226,7 +313,12 @@ def _collect(record: dict) -> None:
 
 
 def _run_health(
-    insights: list[dict], feedback: list[events.Feedback], model_dir: str, period: float = 60.0, topic: str | None = None
+    insights: list[dict],
+    feedback: list[events.Feedback],
+    model_dir: str,
+    period: float = 60.0,
+    topic: str | None = None,
+    label_buckets: int = 0,
 ) -> dict:
     """Insights and feedback through `MonitorModel` on the streaming DirectRunner; the last record.
 
@@ -248,8 +340,10 @@ def _run_health(
     options.view_as(StandardOptions).streaming = True
     with beam.Pipeline(options=options) as pipeline:
         inputs = pipeline | stream
-        observed = inputs["observations"] | beam.ParDo(ObserveFn(model_dir))
-        out = (observed, inputs["feedback"]) | MonitorModel(model_dir, window_secs=600, period_secs=period, topic=topic)
+        observed = inputs["observations"] | beam.ParDo(ObserveFn(model_dir, label_buckets))
+        out = (observed, inputs["feedback"]) | MonitorModel(
+            model_dir, window_secs=600, period_secs=period, topic=topic, label_buckets=label_buckets
+        )
         _ = out | beam.Map(_collect)
     versions = {record["model_version"] for record in _COLLECTED}
     assert len(versions) == 1 and 1 <= len(_COLLECTED) <= 3, _COLLECTED
@@ -303,7 +397,8 @@ def test_the_health_step_publishes_each_record_it_outputs_once_with_its_attribut
 
 
 @pytest.mark.slow
-def test_delayed_labels_in_the_stream_equal_brute_force(trained, served):
+@pytest.mark.parametrize("label_buckets", [0, 4])
+def test_delayed_labels_in_the_stream_equal_brute_force(trained, served, label_buckets):
     steady = _insights(trained.examples, served)[:800]
     by_id = {i["transaction_id"]: i for i in steady}
     # Real reports for these transactions from the history, plus retractions and reports of unscored ones.
@@ -324,7 +419,7 @@ def test_delayed_labels_in_the_stream_equal_brute_force(trained, served):
     reports += [{**_report_of(i), "is_fraud": False} for i in picked[30:]]
     reports.append({**_report_of(steady[0]), "transaction_id": "never-scored", "is_fraud": True})
     feedback = [events.feedback_from_object(r) for r in reports]
-    record = _run_health(steady, feedback, str(trained.model_dir))
+    record = _run_health(steady, feedback, str(trained.model_dir), label_buckets=label_buckets)
     expected = brute_force_labels(steady, reports)[served.version]
     assert record["labels"] == expected
     assert expected["reported_frauds"] > 0 and expected["frauds_flagged"]["review"] + expected["frauds_flagged"]["decline"] > 0

@@ -277,3 +277,16 @@ def test_a_loaded_version_leaves_the_heap_frozen_and_the_next_load_frees_what_be
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_the_label_join_is_bucketed_locally_and_keyed_by_customer_elsewhere_unless_told():
+    from beam_pipelines import score
+
+    def buckets(*argv):
+        return score.label_join_buckets(PipelineOptions(["--model_dir=m", *argv]))
+
+    assert buckets() == score.LOCAL_LABEL_BUCKETS == buckets("--runner=DirectRunner")
+    assert buckets("--runner=DataflowRunner") == 0
+    assert buckets("--label_join_buckets=0") == 0 and buckets("--runner=DataflowRunner", "--label_join_buckets=7") == 7
+    with pytest.raises(ValueError, match="--label_join_buckets must be >= 0"):
+        score.check(PipelineOptions(["--model_dir=m", "--label_join_buckets=-1"]))

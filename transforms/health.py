@@ -1,11 +1,13 @@
 """Model health in the scoring pipeline: drift, delayed labels and service figures per window.
 
     insights --Observer--> per bundle: counts and feature bins per version ------------------.
-    (in AssembleInsightFn,  per insight: (customer, scored) --.                               |
+    (in AssembleInsightFn,  per insight: (label key, scored) -.                               |
      or ObserveFn)                                             |                               |
-    feedback --(customer, report)------------------------------+--> LabelJoinFn -------------+--> HealthFn --> records
+    feedback --(label key, report)-----------------------------+--> LabelJoinFn -------------+--> HealthFn --> records
                                                                     (fraud label               (one key; a processing-
-                                                                     changes)                   time timer every period)
+                                                                     changes; keyed by          time timer every period)
+                                                                     customer or by bucket
+                                                                     of customers)
 
 The window stats pass through `LabelJoinFn` unchanged, so that `HealthFn` has one input, and
 the scoring pipeline observes its insights in the step that makes them: the local runner runs
@@ -18,11 +20,12 @@ not need `transforms.outcomes`' publish-then-persist order, and a publishing ste
 health step would run once per bundle for a record a minute. Delayed-label tallies are
 cumulative since the job started: the count of scored transactions and decisions comes from the
 observations, the fraud labels from `LabelJoinFn`, which joins each customer's insights with the
-fraud feedback in either order.
+fraud feedback in either order, under the customer's label key (`rtml.health.label_key`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -34,7 +37,7 @@ from apache_beam.coders import PickleCoder
 from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
@@ -84,8 +87,9 @@ class Observer:
     """Observes insights for model health, a bundle at a time: the window stats per model
     version of the bundle's insights, and each insight's scored event for the label join."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, label_buckets: int = 0):
         self._model_dir = model_dir
+        self._label_buckets = label_buckets
         self._references: References | None = None
         self._stats: dict[str, health.WindowStats] = {}
 
@@ -96,11 +100,11 @@ class Observer:
         self._stats = {}
 
     def observe(self, insight: dict, latency_ms: float) -> tuple[str, tuple]:
-        """Count the insight in its version's stats; returns its `(customer_id, ("scored", ...))`."""
+        """Count the insight in its version's stats; returns its `(label key, ("scored", ...))`."""
         observation = health.Observation.from_insight(insight, latency_ms)
         version = observation.model_version
         self._stats.setdefault(version, health.WindowStats()).add(observation, self._references.get(version))
-        return scored_event(insight)
+        return scored_event(insight, self._label_buckets)
 
     def finish_bundle(self) -> WindowedValue | None:
         """The bundle's `(HEALTH_KEY, ("stats", {version: WindowStats}))`, or None if it saw no insight."""
@@ -110,12 +114,13 @@ class Observer:
 
 
 class ObserveFn(dofn.DoFn):
-    """(insight, latency in ms) -> what `MonitorModel` takes: `(customer_id, ("scored", ...))`
+    """(insight, latency in ms) -> what `MonitorModel` takes: `(label key, ("scored", ...))`
     per insight and one `(HEALTH_KEY, ("stats", {version: WindowStats}))` per bundle. The
-    scoring pipeline does the same inside `AssembleInsightFn`, saving a step."""
+    scoring pipeline does the same inside `AssembleInsightFn`, saving a step. `label_buckets`
+    must be `MonitorModel`'s."""
 
-    def __init__(self, model_dir: str):
-        self._observer = Observer(model_dir)
+    def __init__(self, model_dir: str, label_buckets: int = 0):
+        self._observer = Observer(model_dir, label_buckets)
 
     def setup(self):
         self._observer.setup()
@@ -132,8 +137,8 @@ class ObserveFn(dofn.DoFn):
             yield stats
 
 
-def scored_event(insight: dict) -> tuple[str, tuple]:
-    return insight["customer_id"], (
+def scored_event(insight: dict, label_buckets: int = 0) -> tuple[str, tuple]:
+    return health.label_key(insight["customer_id"], label_buckets), (
         "scored",
         insight["transaction_id"],
         insight["model_version"],
@@ -142,40 +147,90 @@ def scored_event(insight: dict) -> tuple[str, tuple]:
     )
 
 
-def report_event(feedback: events.Feedback) -> tuple[str, tuple]:
-    return feedback.customer_id, ("report", feedback.transaction_id, feedback.is_fraud, feedback.event_time_us)
+def report_event(feedback: events.Feedback, label_buckets: int = 0) -> tuple[str, tuple]:
+    return health.label_key(feedback.customer_id, label_buckets), (
+        "report",
+        feedback.transaction_id,
+        feedback.is_fraud,
+        feedback.event_time_us,
+    )
 
 
 class LabelJoinFn(dofn.DoFn):
-    """Per customer: joins insights with fraud reports; emits fraud-label changes of scored
-    transactions. Window stats (key `HEALTH_KEY`) pass through unchanged, on their way to `HealthFn`."""
+    """Per key of the join (a customer, or a bucket of customers: `health.label_key`): joins
+    insights with fraud reports; emits fraud-label changes of scored transactions. Window stats
+    (key `HEALTH_KEY`) pass through unchanged, on their way to `HealthFn`.
 
-    LABELS = ReadModifyWriteStateSpec("labels", PickleCoder())
+    A scored transaction is appended to the key's `SCORED` bag, which reads nothing, unless a
+    report of it came first; the bag is read when a report needs it and when the key's pruning
+    timer fires, every `PRUNE_EVERY_S` of processing time while the key holds anything.
+    """
+
+    JOINED = ReadModifyWriteStateSpec("joined", PickleCoder())
+    SCORED = BagStateSpec("scored", PickleCoder())
+    ARMED = ReadModifyWriteStateSpec("armed", PickleCoder())  # whether the pruning timer is set
+    PRUNE = TimerSpec("prune", TimeDomain.REAL_TIME)
+    PRUNE_EVERY_S = 600.0
 
     def setup(self):
         self._changes = Metrics.counter(NAMESPACE, "label_changes")
         self._pruned = Metrics.counter(NAMESPACE, "label_entries_pruned")
 
-    def process(self, element: tuple[str, tuple], labels=beam.DoFn.StateParam(LABELS)):
+    def process(
+        self,
+        element: tuple[str, tuple],
+        joined=beam.DoFn.StateParam(JOINED),
+        scored=beam.DoFn.StateParam(SCORED),
+        prune=beam.DoFn.TimerParam(PRUNE),
+        armed=beam.DoFn.StateParam(ARMED),
+    ):
         _, event = element
         if event[0] == "stats":
             yield element
             return
-        joined: health.CustomerLabels = labels.read() or health.CustomerLabels()
+        if not armed.read():
+            prune.set(Timestamp.of(time.time() + self.PRUNE_EVERY_S))
+            armed.write(True)
         if event[0] == "scored":
-            _, tx, version, decision, event_us = event
-            deltas = joined.on_scored(tx, version, decision, event_us)
+            state = joined.read() or health.JoinedLabels()
+            deltas, append = state.on_scored(event[1:])
+            if append:
+                scored.add(event[1:])
+            else:
+                joined.write(state)
         else:
             _, tx, is_fraud, event_us = event
-            deltas = joined.on_report(tx, is_fraud, event_us)
-        pruned = joined.prune(LABEL_RETENTION_US)
-        if pruned:
-            self._pruned.inc(pruned)
-        labels.write(joined)
+            state = joined.read() or health.JoinedLabels()
+            deltas = state.on_report(tx, is_fraud, event_us, scored.read)
+            joined.write(state)
         if deltas:
             self._changes.inc(len(deltas))
             yield HEALTH_KEY, ("labels", deltas)
 
+    @on_timer(PRUNE)
+    def on_prune(
+        self,
+        joined=beam.DoFn.StateParam(JOINED),
+        scored=beam.DoFn.StateParam(SCORED),
+        prune=beam.DoFn.TimerParam(PRUNE),
+        armed=beam.DoFn.StateParam(ARMED),
+        fire=beam.DoFn.TimestampParam,
+    ):
+        state = joined.read() or health.JoinedLabels()
+        log = list(scored.read())
+        kept, pruned = state.prune(LABEL_RETENTION_US, log)
+        if pruned:
+            self._pruned.inc(pruned)
+        if len(kept) != len(log):
+            scored.clear()
+            for entry in kept:
+                scored.add(entry)
+        if kept or not state.empty:
+            joined.write(state)
+            prune.set(fire + self.PRUNE_EVERY_S)  # from the firing time: the runner's clock, not the wall's
+        else:  # nothing left: the key's state goes, and the next event arms the timer again
+            joined.clear()
+            armed.clear()
 
 class HealthFn(dofn.DoFn):
     """One key: per-period buckets of window stats and cumulative label tallies; a record per
@@ -287,7 +342,10 @@ class MonitorModel(beam.PTransform):
 
     `observed` is what `Observer` makes of the insights (`ObserveFn`'s output; the scoring
     pipeline's `AssembleInsightFn` makes it too): a scored event per insight and the window
-    stats per bundle.
+    stats per bundle. `label_buckets` (the observer's too) is how many keys the label join
+    spreads customers over, 0 for a key per customer (`health.label_key`): the local runner
+    scans every key of a stateful step for timers after every bundle, so locally fewer keys
+    cost less, while on Dataflow keys spread the work.
     """
 
     def __init__(
@@ -298,15 +356,19 @@ class MonitorModel(beam.PTransform):
         psi_threshold: float = drift.PSI_ALERT,
         min_events: int = health.DEFAULT_MIN_EVENTS,
         topic: str | None = None,
+        label_buckets: int = 0,
     ):
         super().__init__()
+        health.label_key("", label_buckets)  # refuses a negative count now, not in a worker
         self._health = HealthFn(model_dir, window_secs, period_secs, psi_threshold, min_events, topic)
+        self._label_buckets = label_buckets
 
     def expand(self, inputs):
         observed, feedback = inputs
         # Typed (str key, value) pairs all the way: the stateful steps need a deterministic key coder.
         keyed = tuple[str, Any]
-        reports = feedback | "ReportsByCustomer" >> dofn.Map(report_event).with_output_types(keyed)
+        by_key = functools.partial(report_event, label_buckets=self._label_buckets)
+        reports = feedback | "ReportsByCustomer" >> dofn.Map(by_key).with_output_types(keyed)
         return (
             (observed, reports)
             | "FlattenLabelEvents" >> beam.Flatten().with_output_types(keyed)

@@ -292,8 +292,8 @@ class AssembleInsightFn(dofn.DoFn):
     step once per bundle).
     """
 
-    def __init__(self, observe_model_dir: str | None = None):
-        self._observer = health.Observer(observe_model_dir) if observe_model_dir else None
+    def __init__(self, observe_model_dir: str | None = None, label_buckets: int = 0):
+        self._observer = health.Observer(observe_model_dir, label_buckets) if observe_model_dir else None
 
     def setup(self):
         if self._observer is not None:
@@ -391,10 +391,12 @@ class ScoreTransactions(beam.PTransform):
         observe: bool = False,
         keyed: bool = False,
         batched: bool = False,
+        label_buckets: int = 0,
     ):
         """`side_input_poll_secs`: watch `model_dir` with RunInference's `WatchFilePattern` side
         input at this interval (Dataflow); None when the handler watches the folder itself.
-        `observe`: emit `Scored.observations` for model health (`transforms.health.MonitorModel`).
+        `observe`: emit `Scored.observations` for model health (`transforms.health.MonitorModel`,
+        whose `label_buckets` goes here too).
         `keyed`: the input is `to_scoring_example`'s pairs already (as `ComputeFeatures` emits them
         given `emit=to_scoring_example`), not `FeaturedTransaction`s. `batched`: it comes in
         lists of those pairs, each a batch (as `ComputeFeatures(batch_size=...)` makes them), and
@@ -404,6 +406,7 @@ class ScoreTransactions(beam.PTransform):
         self._model_dir = model_dir.rstrip("/")
         self._side_input_poll = side_input_poll_secs
         self._observe = observe
+        self._label_buckets = label_buckets
         self._keyed = keyed
         self._batched = batched
         if batched and not keyed:
@@ -421,7 +424,7 @@ class ScoreTransactions(beam.PTransform):
             ),
         ).with_exception_handling()
         predictions, errors = keyed | "RunInference" >> run_inference
-        assemble = AssembleInsightFn(self._model_dir if self._observe else None)
+        assemble = AssembleInsightFn(self._model_dir if self._observe else None, self._label_buckets)
         assembled = predictions | "AssembleInsights" >> beam.ParDo(assemble).with_outputs(
             DEAD_LETTERS, OBSERVATIONS, OUTCOMES, main="insights"
         )
