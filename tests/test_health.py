@@ -222,20 +222,19 @@ def _collect_delta(element) -> None:
     _DELTAS.append(element)
 
 
-def test_the_join_step_prunes_its_log_on_its_timer_and_a_late_report_then_finds_nothing():
+def test_the_join_step_prunes_its_log_as_it_fills_and_a_late_report_then_finds_nothing():
     from transforms.health import LabelJoinFn
 
     now = time.time()
     before = [
         ("k", ("scored", "old", "v1", "review", 0)),
         ("k", ("scored", "new", "v1", "decline", 61 * DAY_US)),
-        ("k", ("scored", "first", "v1", "review", 61 * DAY_US)),
+        ("k", ("scored", "first", "v1", "review", 61 * DAY_US)),  # the third entry: the log is pruned
     ]
     after = [("k", ("report", "old", True, 0)), ("k", ("report", "new", True, 61 * DAY_US))]
     stream = (
         TestStream()
         .add_elements([TimestampedValue(e, now) for e in before])
-        .advance_processing_time(int(now + LabelJoinFn.PRUNE_EVERY_S + 60))  # the test clock starts at 0
         .add_elements([TimestampedValue(e, now) for e in after])
         .advance_watermark_to_infinity()
     )
@@ -246,11 +245,15 @@ def test_the_join_step_prunes_its_log_on_its_timer_and_a_late_report_then_finds_
         joined = (
             pipeline
             | stream
-            | beam.ParDo(LabelJoinFn()).with_input_types(tuple[str, tuple]).with_output_types(tuple[str, tuple])
+            | beam.ParDo(LabelJoinFn(prune_after=3))
+            .with_input_types(tuple[str, tuple])
+            .with_output_types(tuple[str, tuple])
         )
         _ = joined | beam.Map(_collect_delta)
-    # "old" was 61 days older than the newest entry when the timer fired: its report finds nothing.
+    # "old" was 61 days older than the newest entry when the log reached 3: its report finds nothing.
     assert _DELTAS == [("health", ("labels", [health.LabelDelta("v1", "decline", 1)]))]
+    with pytest.raises(ValueError, match="at least 1"):
+        LabelJoinFn(prune_after=0)
 
 
 # --- the Beam transform on real features ---------------------------------------------------------

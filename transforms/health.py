@@ -162,15 +162,20 @@ class LabelJoinFn(dofn.DoFn):
     (key `HEALTH_KEY`) pass through unchanged, on their way to `HealthFn`.
 
     A scored transaction is appended to the key's `SCORED` bag, which reads nothing, unless a
-    report of it came first; the bag is read when a report needs it and when the key's pruning
-    timer fires, every `PRUNE_EVERY_S` of processing time while the key holds anything.
+    report of it came first; the bag is read when a report needs it, and pruned to
+    `LABEL_RETENTION_US` of event time when appends bring it to `prune_at` entries, which is
+    then set to twice what was kept (at least `prune_after`): each entry is read a bounded
+    number of times on average, and no timer is needed, however many keys there are.
     """
 
     JOINED = ReadModifyWriteStateSpec("joined", PickleCoder())
     SCORED = BagStateSpec("scored", PickleCoder())
-    ARMED = ReadModifyWriteStateSpec("armed", PickleCoder())  # whether the pruning timer is set
-    PRUNE = TimerSpec("prune", TimeDomain.REAL_TIME)
-    PRUNE_EVERY_S = 600.0
+    LOG_SIZE = ReadModifyWriteStateSpec("log_size", PickleCoder())  # (entries in SCORED, prune at)
+
+    def __init__(self, prune_after: int = 10_000):
+        if prune_after < 1:
+            raise ValueError(f"prune_after must be at least 1, got {prune_after}")
+        self._prune_after = prune_after
 
     def setup(self):
         self._changes = Metrics.counter(NAMESPACE, "label_changes")
@@ -181,56 +186,44 @@ class LabelJoinFn(dofn.DoFn):
         element: tuple[str, tuple],
         joined=beam.DoFn.StateParam(JOINED),
         scored=beam.DoFn.StateParam(SCORED),
-        prune=beam.DoFn.TimerParam(PRUNE),
-        armed=beam.DoFn.StateParam(ARMED),
+        log_size=beam.DoFn.StateParam(LOG_SIZE),
     ):
         _, event = element
         if event[0] == "stats":
             yield element
             return
-        if not armed.read():
-            prune.set(Timestamp.of(time.time() + self.PRUNE_EVERY_S))
-            armed.write(True)
+        state = joined.read() or health.JoinedLabels()
         if event[0] == "scored":
-            state = joined.read() or health.JoinedLabels()
             deltas, append = state.on_scored(event[1:])
             if append:
                 scored.add(event[1:])
+                self._count_and_prune(state, joined, scored, log_size)
             else:
                 joined.write(state)
         else:
             _, tx, is_fraud, event_us = event
-            state = joined.read() or health.JoinedLabels()
             deltas = state.on_report(tx, is_fraud, event_us, scored.read)
             joined.write(state)
         if deltas:
             self._changes.inc(len(deltas))
             yield HEALTH_KEY, ("labels", deltas)
 
-    @on_timer(PRUNE)
-    def on_prune(
-        self,
-        joined=beam.DoFn.StateParam(JOINED),
-        scored=beam.DoFn.StateParam(SCORED),
-        prune=beam.DoFn.TimerParam(PRUNE),
-        armed=beam.DoFn.StateParam(ARMED),
-        fire=beam.DoFn.TimestampParam,
-    ):
-        state = joined.read() or health.JoinedLabels()
-        log = list(scored.read())
-        kept, pruned = state.prune(LABEL_RETENTION_US, log)
-        if pruned:
-            self._pruned.inc(pruned)
-        if len(kept) != len(log):
-            scored.clear()
-            for entry in kept:
-                scored.add(entry)
-        if kept or not state.empty:
-            joined.write(state)
-            prune.set(fire + self.PRUNE_EVERY_S)  # from the firing time: the runner's clock, not the wall's
-        else:  # nothing left: the key's state goes, and the next event arms the timer again
-            joined.clear()
-            armed.clear()
+    def _count_and_prune(self, state: health.JoinedLabels, joined, scored, log_size) -> None:
+        size, prune_at = log_size.read() or (0, self._prune_after)
+        size += 1
+        if size >= prune_at:
+            log = list(scored.read())
+            kept, pruned = state.prune(LABEL_RETENTION_US, log)
+            if len(kept) != len(log):
+                scored.clear()
+                for entry in kept:
+                    scored.add(entry)
+            if pruned:
+                self._pruned.inc(pruned)
+                joined.write(state)
+            size, prune_at = len(kept), max(self._prune_after, 2 * len(kept))
+        log_size.write((size, prune_at))
+
 
 class HealthFn(dofn.DoFn):
     """One key: per-period buckets of window stats and cumulative label tallies; a record per
