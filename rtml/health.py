@@ -278,10 +278,6 @@ class JoinedLabels:
             del self.resolved[tx]
         return kept, len(log) - len(kept) + len(old_reports) + len(old_resolved)
 
-    @property
-    def empty(self) -> bool:
-        return not (self.reports or self.resolved)
-
 
 def health_record(
     version: str,

@@ -211,7 +211,7 @@ def test_the_label_join_forgets_old_entries():
     assert pruned == 2 and kept == [("new", "v1", "review", 61 * DAY_US)]
     assert set(joined.reports) == {"reported"} and set(joined.resolved) == {"reported"}
     kept, pruned = joined.prune(DAY_US, kept)
-    assert pruned == 2 and joined.empty and kept == [("new", "v1", "review", 61 * DAY_US)]
+    assert pruned == 2 and not joined.reports and not joined.resolved and kept == [("new", "v1", "review", 61 * DAY_US)]
     assert health.JoinedLabels().prune(DAY_US, []) == ([], 0)
 
 
