@@ -75,18 +75,10 @@ def input_outcomes(inputs: InputEvents, computed: ComputedFeatures) -> list[beam
 FEATURES = "features"  # the outcome kind of this pipeline
 
 
-# How long a result may wait for others to be published with (`--publish_max_buffering_secs`).
-# Feature records feed training and feature serving: fewer, larger batches.
-BUFFERING_SECS = 0.25
-
-
-def publish_outcomes(
-    options: PipelineOptions, topics: dict[str, str], buffering_secs: float = BUFFERING_SECS
-) -> PublishOutcomes:
-    """Publish each transaction's result, then write its state (see `transforms.outcomes`);
-    results wait up to `--publish_max_buffering_secs`, else `buffering_secs`, for others."""
-    chosen = options.view_as(opts.OutputTopicOptions).publish_max_buffering_secs
-    buffering = buffering_secs if chosen is None else chosen
+def publish_outcomes(options: PipelineOptions, topics: dict[str, str]) -> PublishOutcomes:
+    """Publish each transaction's result, then write its state (see `transforms.outcomes`); the
+    state waits up to `--state_max_buffering_secs` to be written with others'."""
+    buffering = options.view_as(opts.OutputTopicOptions).state_max_buffering_secs
     return PublishOutcomes(opts.store_config(options), topics, max_buffering_secs=buffering)
 
 

@@ -30,11 +30,6 @@ from transforms.health import MonitorModel
 from transforms.outcomes import DEAD_LETTER
 from transforms.scoring import INSIGHT, FraudModelHandler, ScoreTransactions, to_scoring_example
 
-# How long an insight may wait for others to be published with (`--publish_max_buffering_secs`):
-# a decision is being waited for, so a tenth of a second here against featurize's quarter
-# (BENCHMARKS.md compares the two).
-BUFFERING_SECS = 0.1
-
 # The delayed-label join's keys on the local runners (`--label_join_buckets`): they scan every
 # key of every stateful step after each bundle, and a key per customer made that scan a third
 # longer (BENCHMARKS.md).
@@ -205,7 +200,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> ScorePipeline:
             topic=health_topic,
             label_buckets=label_buckets,
         )
-    _ = tuple(results) | "PublishResults" >> publish_outcomes(options, topics, BUFFERING_SECS)
+    _ = tuple(results) | "PublishResults" >> publish_outcomes(options, topics)
     return ScorePipeline(computed.transactions, scored.insights, (*inputs.dead_letters, *scored.dead_letters), health_records)
 
 

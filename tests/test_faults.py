@@ -155,22 +155,22 @@ def test_kill_9_mid_stream_then_a_restart_sought_back_loses_and_repeats_nothing(
     the crash (`rtml seek`) and starting a new process recovers exactly that: each transaction one
     insight, features exact, each in the feature state once.
 
-    Results are held up to 5 s before publishing here, and the kill comes 2 s after a batch of
-    them arrived, so the process certainly holds pulled messages whose results are not out (a
-    kill right after a batch went out can otherwise find nothing in flight).
+    Results go out as each bundle ends, so the process holds pulled messages whose results are
+    not out only while it works through a backlog: the stream is offered four times as fast as
+    the pipeline scores locally, and the kill comes 2 s into it.
 
-    The one repeat the design allows (README, "Recovery after a crash"): a kill between Pub/Sub's
-    acknowledgement of a batch and the Bigtable write after it leaves that batch's insights out and
-    its transactions out of the state, so the replay scores them again. The test reads the state
-    right after the kill and expects a second insight for exactly those transactions, none for any
-    other."""
-    path = _history(tmp_path, seed=19)
+    The one repeat the design allows (README, "Recovery after a crash"): a kill between an
+    insight's publication and the Bigtable write of its batch's state (held 2 s here, so there
+    are some) leaves the insight out and its transaction out of the state, so the replay scores it
+    again. The test reads the state right after the kill and expects a second insight for exactly
+    those transactions, none for any other."""
+    path = _history(tmp_path, days=6, seed=19)
     reference = _reference(services, path, tmp_path)
-    topics, table, job = _serve(services, tmp_path, trained, "fault-kill", ["--publish_max_buffering_secs=5"])
+    topics, table, job = _serve(services, tmp_path, trained, "fault-kill", ["--state_max_buffering_secs=2"])
     subscription = topics["fraud-insights"] + "-sub"
     # Offered faster than the pipeline scores locally, so it is busy with pulled messages when killed:
     # below capacity it sits idle between bundles, and a kill right after an output can lose nothing.
-    replay = threading.Thread(target=publish_replay, args=(services, topics, path), kwargs={"rate": 150.0})
+    replay = threading.Thread(target=publish_replay, args=(services, topics, path), kwargs={"rate": 800.0})
     got = []
     with job:
         stream_began_us = time.time_ns() // 1000
@@ -178,7 +178,7 @@ def test_kill_9_mid_stream_then_a_restart_sought_back_loses_and_repeats_nothing(
         while len(got) < 150:  # the pipeline is up and scoring
             job.check_running()
             pubsub_tools.pull(subscription, services.project, count=150 - len(got), idle_timeout=2.0, on_message=got.append)
-        time.sleep(2)  # the next batch is filling: 2 s of results pulled and computed, not published
+        time.sleep(2)  # deep in the backlog
         job.kill()
     replay.join()
     pubsub_tools.pull(subscription, services.project, idle_timeout=3.0, on_message=got.append)  # what left before the crash
@@ -195,7 +195,7 @@ def test_kill_9_mid_stream_then_a_restart_sought_back_loses_and_repeats_nothing(
     restarted = PipelineProcess("beam_pipelines.score", job.args, tmp_path / "restarted.log")
     with restarted:
         got += collect(subscription, services.project, len(reference) + len(out_not_held) - len(got), 600, process=restarted)
-        time.sleep(2)  # the last batch's state reaches Bigtable
+        time.sleep(4)  # the last batch's state reaches Bigtable
         held = _held_transactions(services, table)
     after = [json.loads(m.data) for m in got[len(scored_before) :]]
     after_ids = [insight["transaction_id"] for insight in after]

@@ -151,10 +151,9 @@ def test_stateful_steps_get_deterministic_key_coders(clean_env, caplog, tmp_path
 
 @pytest.mark.parametrize(
     "module, flags, expected",
-    [("featurize", [], 0.25), ("score", [], 0.1), ("score", ["--publish_max_buffering_secs=2"], 2.0)],
+    [("featurize", [], 0.25), ("score", [], 0.25), ("score", ["--state_max_buffering_secs=2"], 2.0)],
 )
-def test_results_wait_for_others_as_long_as_the_pipeline_or_the_flag_says(clean_env, tmp_path, module, flags, expected):
-    """Insights, which a decision waits for, are batched for a shorter time than feature records."""
+def test_state_waits_for_others_as_long_as_the_flag_says(clean_env, tmp_path, module, flags, expected):
     import importlib
 
     import apache_beam as beam
@@ -179,3 +178,17 @@ def test_results_wait_for_others_as_long_as_the_pipeline_or_the_flag_says(clean_
     visitor = FindPublisher()
     pipeline.visit(visitor)
     assert [fn._max_buffering_secs for fn in visitor.found] == [expected]
+
+
+@pytest.mark.parametrize(
+    "flag, error",
+    [
+        ("--state_max_buffering_secs=0", "--state_max_buffering_secs must be > 0"),
+        ("--publish_max_buffering_secs=0.1", "--publish_max_buffering_secs is gone: results are published as each bundle ends"),
+    ],
+)
+def test_buffering_flags_are_checked(flag, error):
+    from rtml import config
+
+    with pytest.raises(ValueError, match=error):
+        opts.resolve_output_topic(PipelineOptions(["--project=p", flag]), config.INSIGHTS_TOPIC)

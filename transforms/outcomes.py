@@ -1,19 +1,24 @@
 """Publish each transaction's result, then write its feature state to Bigtable.
 
 A transaction's result is the one message the pipeline owes for it: an insight (scoring), a
-feature record (featurize), or a dead letter. `PublishOutcomes` batches results (by count, or
-`max_buffering_secs` after the first one), publishes a batch, waits until Pub/Sub has
-acknowledged every message of it, and only then writes the batch's state cells
-(`FeaturedTransaction.cells`: the transaction in its customer's and its terminal's rows, and
-the cells of fraud reports, which publish nothing) in one Bigtable request.
+feature record (featurize), or a dead letter. `PublishOutcomes` publishes the results of each
+bundle as the bundle ends, on a publishing thread, so the step goes on with the next bundle
+while Pub/Sub acknowledges. The results' state cells (`FeaturedTransaction.cells`: the
+transaction in its customer's and its terminal's rows, and the cells of fraud reports, which
+publish nothing) wait in Beam state, with the results, for `max_buffering_secs` (or
+`batch_size` results); then the step waits until Pub/Sub has acknowledged every result of the
+batch and only then writes the batch's cells in one Bigtable request. Latency is one bundle and
+one publish; Bigtable sees one write per batch.
 
-Why: the local runner acknowledges input messages before processing them, so after a crash the
-way back is to seek the input subscriptions to before the crash and replay (`rtml seek`). Since
-a transaction reaches the durable state only after its result was published, a replayed
-transaction found in the state is a duplicate (dropped and counted), and one not found is
-computed and published again. The one window left is between Pub/Sub's acknowledgement of a
-batch and the Bigtable write that follows, a few milliseconds per batch, in which a crash makes
-that batch's transactions come out twice.
+Why this order: the local runner acknowledges input messages before processing them, so after a
+crash the way back is to seek the input subscriptions to before the crash and replay (`rtml
+seek`). Since a transaction reaches the durable state only after its result was published, a
+replayed transaction found in the state is a duplicate (dropped and counted), and one not found
+is computed and published again. The window left is between a result's publication and the
+write of its batch's cells, at most `max_buffering_secs` plus a write: a crash in it makes those
+transactions come out twice. A result whose acknowledgement this process did not see (its batch
+was published by a worker that died, on a runner that keeps state, such as Dataflow) is
+published again before its cells are written: at least once, never lost.
 
 Insights, feature records and dead letters go this way, as `(shard, Outcome)` pairs made by
 `keyed`, straight from the steps that produce them: one stateful step does the batching and the
@@ -24,11 +29,14 @@ few a minute, are published by the health step itself with `publish_all`.
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import logging
 import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -84,35 +92,92 @@ def state_only(cells) -> tuple[str, Outcome]:
 
 _PUBLISHERS: dict[tuple, Any] = {}
 _PUBLISHERS_LOCK = threading.Lock()
-# How long the Pub/Sub client holds a message for more to send with it. The batches are made
-# here, published in one go and then waited for, so the client's default of 10 ms only delayed
-# every batch: 10 messages published and acknowledged took 14.2 ms (median) against the
-# emulator with it, 3.4 ms with 1 ms.
-CLIENT_BATCH_LATENCY_S = 0.001
 
 
 def shared_publisher():
-    """One Pub/Sub publisher per process (the local runner sets a DoFn up again for every bundle)."""
+    """One Pub/Sub publisher per process (the local runner sets a DoFn up again for every bundle).
+    `publish_all` sends through its request API (`.api`), one request per topic and batch."""
     from google.cloud import pubsub_v1
 
     key = (os.getpid(), os.environ.get("PUBSUB_EMULATOR_HOST"))
     with _PUBLISHERS_LOCK:
         if key not in _PUBLISHERS:
-            settings = pubsub_v1.types.BatchSettings(max_latency=CLIENT_BATCH_LATENCY_S)
-            _PUBLISHERS[key] = pubsub_v1.PublisherClient(batch_settings=settings)
+            _PUBLISHERS[key] = pubsub_v1.PublisherClient()
         return _PUBLISHERS[key]
 
 
+class _Publishing:
+    """A process's publishing threads, and the publications handed to them whose results not every
+    flush has confirmed yet, by publication id. Shared by every instance of the step in the process
+    (the local runner makes one for every bundle, and a later bundle's instance confirms), and by
+    every key: a bundle holds results of several keys, each confirmed by its own key's flush."""
+
+    THREADS = 4
+    # A publication no flush asked about for this long held results of a key that moved to another
+    # worker since (that worker publishes them again): forgotten once done.
+    FORGET_AFTER_S = 3600.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pool = None
+        self._pid = None
+        # publication id -> [handed over (monotonic), future, results not confirmed yet]
+        self._sent: dict[str, list] = {}
+        self._ids = itertools.count()
+
+    def new_id(self) -> str:
+        return f"{_SHARD_PREFIX}-{os.getpid()}-{next(self._ids)}"
+
+    def send(self, publication: str, results: int, publish, *args) -> None:
+        """Run `publish(*args)`, which publishes `results` results, on a publishing thread."""
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():  # none yet, or inherited by a fork
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="rtml-publish")
+                self._pid = os.getpid()
+                self._sent = {}
+            now = time.monotonic()
+            self._sent[publication] = [now, self._pool.submit(publish, *args), results]
+            stale = [
+                key for key, (at, future, _) in self._sent.items() if now - at > self.FORGET_AFTER_S and future.done()
+            ]
+            for key in stale:
+                del self._sent[key]
+
+    def confirm(self, publication: str, results: int) -> bool:
+        """Wait for a publication handed over in this process, for `results` of its results: True
+        once Pub/Sub acknowledged it; False if it failed or this process does not know it (the
+        caller publishes those results again)."""
+        with self._lock:
+            sent = self._sent.get(publication)
+            if sent is not None:
+                sent[2] -= results
+                if sent[2] <= 0:
+                    del self._sent[publication]
+        if sent is None:
+            return False
+        try:
+            sent[1].result()
+        except Exception as err:  # noqa: BLE001 - publish_all gave up; the caller publishes again and raises if that fails
+            _LOG.warning("a batch of results could not be published (%s); publishing it again", err)
+            return False
+        return True
+
+
+PUBLISHING = _Publishing()
+
+
 class PublishThenPersistFn(dofn.DoFn):
-    """Per shard: buffer outcomes until `batch_size` or `max_buffering_secs` after the first,
-    then publish the batch, wait for every acknowledgement, and write its cells in one request.
+    """Per shard: publish each bundle's results as the bundle ends (on a publishing thread), and
+    keep them with their state cells until `batch_size` results or `max_buffering_secs` after the
+    first; then wait for every acknowledgement of the batch and write its cells in one request.
 
     The buffer lives in Beam state (it survives a worker failure like any other element), and
-    the wait is a processing-time timer, as in Beam's `GroupIntoBatches`; doing the batching in
-    this step rather than in a separate one saves a step per bundle on the local runner.
+    the wait is a processing-time timer, as in Beam's `GroupIntoBatches`. Each result is buffered
+    under the id of its bundle's publication; a flush publishes again, synchronously, the results
+    of any publication it cannot confirm (module doc).
     """
 
-    BUFFER = BagStateSpec("buffer", PickleCoder())
+    BUFFER = BagStateSpec("buffer", PickleCoder())  # (publication id, Outcome)
     COUNT = ReadModifyWriteStateSpec("count", VarIntCoder())
     FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
@@ -131,9 +196,15 @@ class PublishThenPersistFn(dofn.DoFn):
         self._batch_sizes = Metrics.distribution(NAMESPACE, "publish_batch_size")
         self._write_rpcs = Metrics.counter(NAMESPACE, "bigtable_write_rpcs")
         self._retries = Metrics.counter(NAMESPACE, "publish_retries")
+        self._republished = Metrics.counter(NAMESPACE, "published_again")
 
     def teardown(self):
         self._store.close()
+
+    def start_bundle(self):
+        self._unsent: list[Outcome] = []  # this bundle's results not handed to a publishing thread yet
+        # The id of the publication they will go out in, buffered with each of them.
+        self._publication = PUBLISHING.new_id()
 
     def process(
         self,
@@ -143,9 +214,11 @@ class PublishThenPersistFn(dofn.DoFn):
         flush=beam.DoFn.TimerParam(FLUSH),
     ):
         _, item = element
-        if item.kind is not None and item.kind not in self._topics:
-            raise ValueError(f"no topic for results of kind {item.kind!r}; known: {sorted(self._topics)}")
-        buffer.add(item)
+        if item.kind is not None:
+            if item.kind not in self._topics:
+                raise ValueError(f"no topic for results of kind {item.kind!r}; known: {sorted(self._topics)}")
+            self._unsent.append(item)
+        buffer.add((self._publication, item))
         size = (count.read() or 0) + 1
         count.write(size)
         if size == 1:
@@ -154,57 +227,100 @@ class PublishThenPersistFn(dofn.DoFn):
             flush.clear()
             self._flush(buffer, count)
 
+    def finish_bundle(self):
+        self._send()
+
     @on_timer(FLUSH)
     def on_flush(self, buffer=beam.DoFn.StateParam(BUFFER), count=beam.DoFn.StateParam(COUNT)):
         self._flush(buffer, count)
 
+    def _send(self) -> None:
+        """Hand this bundle's results so far to a publishing thread, as one publication."""
+        if self._unsent:
+            batch, self._unsent = self._unsent, []
+            self._published.inc(len(batch))
+            self._batch_sizes.update(len(batch))
+            PUBLISHING.send(
+                self._publication, len(batch), publish_all, self._publisher, self._topics, batch, self._retries
+            )
+            self._publication = PUBLISHING.new_id()
+
     def _flush(self, buffer, count) -> None:
+        self._send()
         batch = list(buffer.read())
         if not batch:
             return
-        self._publish([item for item in batch if item.kind is not None])
+        by_publication: dict[str, list[Outcome]] = {}
+        for publication, item in batch:
+            if item.kind is not None:
+                by_publication.setdefault(publication, []).append(item)
+        unconfirmed = []
+        for publication, published in by_publication.items():
+            if not PUBLISHING.confirm(publication, len(published)):
+                unconfirmed += published
+        if unconfirmed:  # cells only after their results are out
+            self._republished.inc(len(unconfirmed))
+            publish_all(self._publisher, self._topics, unconfirmed, self._retries)
         rows: dict[bytes, list] = {}
-        for item in batch:
+        for _, item in batch:
             for key, cell in item.cells:
                 rows.setdefault(key, []).append(cell)
-        before = self._store.write_rpcs
-        self._store.write(rows)
-        self._write_rpcs.inc(self._store.write_rpcs - before)
+        if rows:
+            before = self._store.write_rpcs
+            self._store.write(rows)
+            self._write_rpcs.inc(self._store.write_rpcs - before)
         buffer.clear()
         count.clear()
 
-    def _publish(self, batch: list[Outcome]) -> None:
-        if batch:
-            self._published.inc(len(batch))
-            self._batch_sizes.update(len(batch))
-            publish_all(self._publisher, self._topics, batch, self._retries)
+
+# Pub/Sub's limits on one publish request: 1,000 messages and 10 MB (this leaves room for framing).
+MAX_MESSAGES_PER_REQUEST = 1000
+MAX_BYTES_PER_REQUEST = 9_000_000
+
+
+def _requests(messages: list) -> Iterator[list]:
+    """`messages` in order, cut into requests within Pub/Sub's limits."""
+    chunk, size = [], 0
+    for message in messages:
+        message_size = len(message.data) + sum(len(k) + len(v) for k, v in message.attributes.items())
+        if chunk and (len(chunk) == MAX_MESSAGES_PER_REQUEST or size + message_size > MAX_BYTES_PER_REQUEST):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(message)
+        size += message_size
+    if chunk:
+        yield chunk
 
 
 def publish_all(publisher, topics: dict[str, str], batch: list[Outcome], retries=None) -> None:
-    """Publish every outcome (`topics[item.kind]`) and wait for each acknowledgement; retry the
-    failed ones with backoff for up to 10 minutes, then raise. `retries`: a counter of retried messages."""
-    pending = list(batch)
+    """Publish every outcome to `topics[item.kind]`, in one request per topic (more past Pub/Sub's
+    limits), and return once Pub/Sub has acknowledged them all. A failed request is retried with
+    backoff for up to 10 minutes, then this raises. `retries`: a counter of retried messages."""
+    from google.pubsub_v1 import types
+
+    by_topic: dict[str, list] = {}
+    for item in batch:
+        by_topic.setdefault(topics[item.kind], []).append(
+            types.PubsubMessage(data=item.data, attributes=item.attributes)
+        )
     deadline = time.monotonic() + PUBLISH_RETRY_FOR_S
     delay = 0.2
-    while pending:
-        futures = [(item, publisher.publish(topics[item.kind], item.data, **item.attributes)) for item in pending]
-        failed, error = [], None
-        for item, future in futures:
-            try:
-                future.result()
-            except Exception as err:  # noqa: BLE001 - any publish failure is retried, then raised
-                failed.append(item)
-                error = err
-        if not failed:
-            return
-        if time.monotonic() + delay > deadline:
-            raise RuntimeError(f"{len(failed)} results could not be published: {error}") from error
-        _LOG.warning("publishing %d of %d results failed (%s); retrying in %.1f s", len(failed), len(batch), error, delay)
-        if retries is not None:
-            retries.inc(len(failed))
-        time.sleep(delay)
-        delay = min(delay * 2, 5.0)
-        pending = failed
+    for topic, messages in by_topic.items():
+        for request in _requests(messages):
+            while True:
+                try:
+                    publisher.api.publish(topic=topic, messages=request)
+                    break
+                except Exception as err:  # noqa: BLE001 - any publish failure is retried, then raised
+                    if time.monotonic() + delay > deadline:
+                        raise RuntimeError(f"{len(request)} results could not be published to {topic}: {err}") from err
+                    _LOG.warning(
+                        "publishing %d results to %s failed (%s); retrying in %.1f s", len(request), topic, err, delay
+                    )
+                    if retries is not None:
+                        retries.inc(len(request))
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
 
 
 class PublishOutcomes(beam.PTransform):
