@@ -5,7 +5,8 @@ topic), computes every reference feature with the Bigtable-backed stateful DoFns
 one record per transaction to `--output_topic`:
 `{transaction_id, customer_id, terminal_id, event_time, amount, features: {...}}`; a
 transaction's feature state is written to Bigtable once its record is out
-(`transforms.outcomes`), so replaying the input after a crash neither loses nor repeats one.
+(`transforms.outcomes`), so replaying the input after a crash loses none, and repeats only
+those published in the last `--state_max_buffering_secs` before it.
 The scoring pipeline runs the same steps before inference; this one serves feature logging and
 the feature engine's own tests.
 
