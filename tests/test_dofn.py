@@ -1,4 +1,5 @@
-"""transforms.dofn: Beam reads each DoFn class's method signatures once, and reads the same ones."""
+"""transforms.dofn: Beam reads each DoFn class's method signatures once, and reads the same ones;
+`dir` lists the methods with DoFn parameters, and Beam finds the same state and timers."""
 
 import importlib
 import inspect
@@ -15,6 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import core
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, get_dofn_specs, on_timer
+from apache_beam.transforms.window import GlobalWindow
 
 import beam_pipelines
 import transforms
@@ -22,7 +24,20 @@ from transforms import dofn
 
 
 def _methods(fn) -> list[str]:
-    return [name for name in dir(fn) if isinstance(getattr(fn, name, None), types.MethodType)]
+    """Every method of `fn`, as the default `dir` would list them."""
+    return [name for name in object.__dir__(fn) if isinstance(getattr(fn, name, None), types.MethodType)]
+
+
+def _specs_from_every_method(fn) -> tuple[set, set]:
+    """The state and timer specs among the defaults of every method of `fn`."""
+    states, timers = set(), set()
+    for name in _methods(fn):
+        for default in core.get_function_args_defaults(getattr(fn, name))[1]:
+            if isinstance(default, core._StateDoFnParam):
+                states.add(default.state_spec)
+            elif isinstance(default, core._TimerDoFnParam):
+                timers.add(default.timer_spec)
+    return states, timers
 
 
 def _project_dofn_classes() -> list[type]:
@@ -48,6 +63,10 @@ def test_every_dofn_of_the_project_answers_what_beams_inspection_finds():
             answered = core.get_function_arguments(fn, name)
             inspected = core.get_function_args_defaults(getattr(fn, name))
             assert answered == inspected, (cls.__name__, name)
+            # Listed by `dir` exactly when it takes DoFn parameters.
+            takes_parameters = any(isinstance(default, core._DoFnParam) for default in inspected[1])
+            assert (name in dir(fn)) == takes_parameters, (cls.__name__, name)
+        assert get_dofn_specs(fn) == _specs_from_every_method(fn), cls.__name__
 
 
 class _Counter(dofn.DoFn):
@@ -81,6 +100,42 @@ def test_state_and_timers_are_found_as_beam_finds_them_on_a_plain_dofn():
     assert ours.timer_methods.keys() == plain.timer_methods.keys() == {_Counter.FLUSH}
 
 
+def test_dir_lists_the_methods_with_dofn_parameters_only():
+    class WithHelpers(_Counter):
+        def helper(self, value):
+            return value
+
+        def start_bundle(self):
+            pass
+
+        def finish_bundle(self, window=beam.DoFn.WindowParam):
+            return []
+
+    fn = WithHelpers()
+    assert dir(fn) == ["finish_bundle", "on_flush", "process"]
+    assert dir(fn) is not dir(fn)  # a fresh list each time: no caller can change the cached one
+    assert get_dofn_specs(fn) == _specs_from_every_method(fn) == ({_Counter.COUNT}, {_Counter.FLUSH})
+    assert set(dir(_PlainCounter())) > set(dir(fn))  # a plain DoFn lists everything
+
+
+def test_a_stateful_dofn_with_a_timer_runs_as_on_a_plain_dofn():
+    class Buffered(dofn.DoFn):
+        SEEN = BagStateSpec("seen", VarIntCoder())
+        FLUSH = TimerSpec("flush", TimeDomain.WATERMARK)
+
+        def process(self, element, seen=beam.DoFn.StateParam(SEEN), flush=beam.DoFn.TimerParam(FLUSH)):
+            seen.add(element[1])
+            flush.set(GlobalWindow().max_timestamp())
+
+        @on_timer(FLUSH)
+        def on_flush(self, key=beam.DoFn.KeyParam, seen=beam.DoFn.StateParam(SEEN)):
+            yield key, sorted(seen.read())
+
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        flushed = pipeline | beam.Create([("a", 2), ("b", 5), ("a", 1)]) | beam.ParDo(Buffered())
+        assert_that(flushed, equal_to([("a", [1, 2]), ("b", [5])]))
+
+
 def test_each_class_is_inspected_once_whatever_the_number_of_bundles():
     class Fresh(dofn.DoFn):
         def process(self, element, timestamp=beam.DoFn.TimestampParam):
@@ -94,7 +149,9 @@ def test_each_class_is_inspected_once_whatever_the_number_of_bundles():
             DoFnSignature(Fresh())
             get_dofn_specs(Fresh())
         again = inspected.call_count - first
-    assert first == len(_methods(Fresh()))
+    # The first time: the class's functions, for `dir`, and then its listed method's signature.
+    functions = [getattr(Fresh, name) for name in dir(Fresh)]  # `dir` of the class, not of an instance
+    assert first == len(dir(Fresh())) + sum(inspect.isfunction(f) or inspect.ismethod(f) for f in functions), first
     # Only what Beam inspects without asking the DoFn (the process method's batching checks).
     assert again <= 5 * 2, again
     # The same loop over a plain DoFn inspects every method every time.
