@@ -53,16 +53,17 @@ def read_and_featurize(pipeline: beam.Pipeline, options: PipelineOptions, emit=N
     """
     io = opts.resolve_streaming_io(options)
     store = opts.store_config(options)
+    buckets = opts.feature_buckets(options)  # where the feature steps keep their entities
     # Validation loads the valid transactions' rows itself, a step fewer (see ComputeFeatures).
     inputs = pipeline | "ReadEvents" >> ReadEvents(
         io.transactions_subscription,
         io.feedback_subscription,
         io.id_label,
         io.timestamp_attribute,
-        then={"transactions": load_transactions(store)},
+        then={"transactions": load_transactions(store, buckets)},
     )
     computed = (inputs.transactions, inputs.feedback) | "ComputeFeatures" >> ComputeFeatures(
-        store, emit, loaded=True, batch_size=batch_size
+        store, emit, loaded=True, batch_size=batch_size, buckets=buckets
     )
     return io, inputs, computed
 

@@ -135,6 +135,42 @@ class BigtableOptions(PipelineOptions):
         )
 
 
+# Keys of the feature steps on the local streaming runner (`--feature_state=process`).
+LOCAL_FEATURE_BUCKETS = 16
+
+
+class FeatureStateOptions(PipelineOptions):
+    """Where the streaming feature steps keep each customer's and terminal's state between events."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--feature_state",
+            choices=("beam", "process"),
+            default=None,
+            help="featurize and score: 'beam' keeps each customer's and terminal's state in Beam state under a "
+            "key of its own (any runner); 'process' keeps it in the memory of the local runner's one process, "
+            f"the steps' keys being {LOCAL_FEATURE_BUCKETS} buckets of them: that runner scans every key of a "
+            "stateful step after every bundle. Bigtable holds it durably either way. Default: process on the "
+            "local streaming runner, beam elsewhere.",
+        )
+
+
+def feature_buckets(options: PipelineOptions) -> int:
+    """The feature steps' buckets of entities (0: a key per entity, Beam state); see `--feature_state`."""
+    chosen = options.view_as(FeatureStateOptions).feature_state
+    standard = options.view_as(StandardOptions)
+    one_process = is_local(options) and standard.streaming and (standard.runner or "").lower() != "fnapirunner"
+    if chosen == "process" and not one_process:
+        raise ValueError(
+            "--feature_state=process needs the local streaming runner, where one process handles every key; "
+            "use --feature_state=beam"
+        )
+    if chosen == "beam" or (chosen is None and not one_process):
+        return 0
+    return LOCAL_FEATURE_BUCKETS
+
+
 def store_config(options: PipelineOptions):
     """The feature store settings of these options (a `transforms.features.StoreConfig`)."""
     from transforms.features import StoreConfig

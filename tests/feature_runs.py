@@ -54,10 +54,11 @@ def featurize_args(services, topics: dict, table: str) -> list[str]:
 class StreamingJob:
     """`python -m beam_pipelines.featurize` on its own topics and feature table."""
 
-    def __init__(self, services, topics: dict, table: str, log_path):
+    def __init__(self, services, topics: dict, table: str, log_path, extra: tuple = ()):
         self.services = services
         self.topics = topics
-        self.process = PipelineProcess("beam_pipelines.featurize", featurize_args(services, topics, table), log_path)
+        argv = [*featurize_args(services, topics, table), *extra]
+        self.process = PipelineProcess("beam_pipelines.featurize", argv, log_path)
 
     def __enter__(self):
         self.process.start()

@@ -749,3 +749,18 @@ def test_reference_features_keep_the_first_copy_of_each_id():
     assert set(result) == {"a", "b"}
     assert result["a"]["customer_avg_amount_1d"] == 1.0 and result["b"]["customer_avg_amount_1d"] == 2.0
     assert reference_stream(events)[1] is None
+
+
+def test_entity_keys_are_the_entity_or_a_stable_bucket_of_it():
+    from transforms.features import ComputeFeatures, StoreConfig, by_customer, entity_key
+
+    assert entity_key("C42") == entity_key("C42", 0) == "C42"
+    ids = [f"C{i}" for i in range(1000)]
+    keys = [entity_key(i, 16) for i in ids]
+    assert set(keys) == {str(b) for b in range(16)}  # every bucket used, named by its number
+    assert keys == [entity_key(i, 16) for i in ids]  # the same entity always meets under the same key
+    tx = Transaction("T1", "2026-01-01T00:00:00Z", 1_767_225_600_000_000, "C7", "M3", 10.0)
+    assert by_customer((tx, None, None)) == ("C7", (tx, None, None))
+    assert by_customer((tx, None, None), buckets=16) == (entity_key("C7", 16), (tx, None, None))
+    with pytest.raises(ValueError, match="feature buckets must be >= 0"):
+        ComputeFeatures(StoreConfig("p", "i", "t"), buckets=-1)

@@ -192,3 +192,19 @@ def test_buffering_flags_are_checked(flag, error):
 
     with pytest.raises(ValueError, match=error):
         opts.resolve_output_topic(PipelineOptions(["--project=p", flag]), config.INSIGHTS_TOPIC)
+
+
+def test_feature_state_is_kept_in_the_process_only_on_the_local_streaming_runner():
+    def buckets(*argv):
+        return opts.feature_buckets(PipelineOptions(list(argv)))
+
+    local = ("--streaming", "--runner=BundleBasedDirectRunner")
+    assert buckets(*local) == opts.LOCAL_FEATURE_BUCKETS == 16
+    assert buckets(*local, "--feature_state=process") == 16
+    assert buckets(*local, "--feature_state=beam") == 0
+    assert buckets("--streaming", "--runner=DataflowRunner") == 0
+    assert buckets("--runner=FnApiRunner") == 0  # batch: several processes may share the keys
+    dataflow, batch, fn_api = ("--streaming", "--runner=DataflowRunner"), ("--runner=FnApiRunner",), ("--streaming", "--runner=FnApiRunner")
+    for elsewhere in (dataflow, batch, fn_api):
+        with pytest.raises(ValueError, match="--feature_state=process needs the local streaming runner"):
+            buckets(*elsewhere, "--feature_state=process")

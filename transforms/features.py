@@ -18,8 +18,18 @@ publishing the batch's results:
   its row applies the report the same way. Made there, the local runner's bundle of report cells
   exists only when reports came in (a step's every output gets a bundle each time it runs, empty
   or not, and each bundle runs the steps that read it once).
+
+Where the hot cache lives (`buckets`): by default in Beam state under a key per customer and
+per terminal, as any runner needs. The local streaming runner is one process that runs each
+stateful step one bundle at a time, and after every bundle it scans every key every stateful
+step has ever had for due timers: with a key per customer and per terminal that scan came to a
+quarter of a wave's time. Given `buckets`, the steps are keyed by that many buckets of entities
+instead and keep each entity's state in a dict of the process (per step), which on that runner
+is what Beam state is too: memory of the one process, rebuilt from Bigtable after a restart.
+Their state specs stay declared, so the runner still runs each step one bundle at a time.
 """
 
+import functools
 import logging
 import threading
 import uuid
@@ -63,17 +73,60 @@ def _counter(name: str):
     return Metrics.counter("features", name)
 
 
-class _EntityFn(dofn.DoFn):
-    """Shared plumbing: the Bigtable store, created once per worker, and RPC counters."""
+def entity_key(entity_id: str, buckets: int = 0) -> str:
+    """A feature step's key for an entity: the entity itself (`buckets` 0), else one of `buckets`
+    buckets of entities (see the module doc)."""
+    if buckets < 0:
+        raise ValueError(f"feature buckets must be >= 0, got {buckets}")
+    if not buckets:
+        return entity_id
+    return str(zlib.crc32(entity_id.encode("utf-8")) % buckets)
 
-    def __init__(self, config: StoreConfig, kind: str):
+
+# Entity states of the steps that keep them in this process (`buckets`), by the step's token.
+_IN_PROCESS: dict[str, dict[str, Any]] = {}
+
+
+class _InProcess:
+    """One entity's state in the process's dict, read and written as a key's Beam state would be."""
+
+    __slots__ = ("_entities", "_id")
+
+    def __init__(self, entities: dict, entity_id: str):
+        self._entities = entities
+        self._id = entity_id
+
+    def read(self):
+        return self._entities.get(self._id)
+
+    def write(self, value) -> None:
+        self._entities[self._id] = value
+
+
+class _EntityFn(dofn.DoFn):
+    """Shared plumbing: the Bigtable store, created once per worker, RPC counters, and where the
+    entities' states are (Beam state, or with `buckets` this process's dict; see the module doc)."""
+
+    def __init__(self, config: StoreConfig, kind: str, buckets: int = 0):
+        entity_key("", buckets)  # refuses a negative count now, not in a worker
         self._config = config
         self._kind = kind
+        self._buckets = buckets
+        self._token = uuid.uuid4().hex  # names this step's entities in the process
 
     def setup(self):
         self._store = store.EntityStore(*self._config, shared=True)
         self._read_rpcs = _counter("bigtable_read_rpcs")
         self._loaded = _counter(f"{self._kind}_rows_loaded")
+        self._in_process = None
+        if self._buckets:
+            # Kept across bundles: the local runner calls setup and teardown around every bundle.
+            with _KNOWN_LOCK:
+                self._in_process = _IN_PROCESS.setdefault(self._token, {})
+
+    def _entity_state(self, state, entity_id: str):
+        """The entity's state: the key's Beam state, or its entry in this process's dict."""
+        return state if self._in_process is None else _InProcess(self._in_process, entity_id)
 
     def teardown(self):
         self._store.close()
@@ -167,14 +220,14 @@ class LoadEntitiesFn(dofn.DoFn):
         self._pending = []
 
 
-def by_customer(loaded: tuple) -> tuple[str, tuple]:
+def by_customer(loaded: tuple, buckets: int = 0) -> tuple[str, tuple]:
     """A loaded transaction keyed for the customer step."""
-    return loaded[0].customer_id, loaded
+    return entity_key(loaded[0].customer_id, buckets), loaded
 
 
-def feedback_by_terminal(loaded: tuple) -> tuple[str, tuple]:
+def feedback_by_terminal(loaded: tuple, buckets: int = 0) -> tuple[str, tuple]:
     """A loaded fraud report keyed for the terminal step."""
-    return loaded[0].terminal_id, ("fb", loaded)
+    return entity_key(loaded[0].terminal_id, buckets), ("fb", loaded)
 
 
 def report_cells(feedback: events.Feedback) -> list:
@@ -195,16 +248,18 @@ class CustomerFeaturesFn(_EntityFn):
 
     ENTITY = ReadModifyWriteStateSpec("customer", PickleCoder())
 
-    def __init__(self, config: StoreConfig):
-        super().__init__(config, store.CUSTOMER)
+    def __init__(self, config: StoreConfig, buckets: int = 0):
+        super().__init__(config, store.CUSTOMER, buckets)
 
     def setup(self):
         super().setup()
         self._duplicates = _counter("duplicate_transactions")
         self._late = _counter("late_transactions")
 
-    def process(self, element, entity=beam.DoFn.StateParam(ENTITY)):
-        customer_id, (tx, customer_row, terminal_row) = element
+    def process(self, element, state=beam.DoFn.StateParam(ENTITY)):
+        _, (tx, customer_row, terminal_row) = element
+        customer_id = tx.customer_id
+        entity = self._entity_state(state, customer_id)
         cached = entity.read()
         state = store.customer_state(self._load(customer_id, customer_row)) if cached is None else cached
         if state.watermark_us is not None and tx.event_time_us < state.watermark_us:
@@ -223,7 +278,7 @@ class CustomerFeaturesFn(_EntityFn):
             return
         entity.write(state)
         cell = (store.row_key(store.CUSTOMER, customer_id), _entry_cell(tx))
-        yield tx.terminal_id, ("tx", (tx, features, terminal_row, cell))
+        yield entity_key(tx.terminal_id, self._buckets), ("tx", (tx, features, terminal_row, cell))
 
 
 class Batches:
@@ -271,8 +326,9 @@ class TerminalFeaturesFn(_EntityFn):
         config: StoreConfig,
         emit: Callable[[FeaturedTransaction, Timestamp], Any] | None = None,
         batch_size: int | None = None,
+        buckets: int = 0,
     ):
-        super().__init__(config, store.TERMINAL)
+        super().__init__(config, store.TERMINAL, buckets)
         self._emit = emit
         self._batch_size = batch_size
 
@@ -289,12 +345,15 @@ class TerminalFeaturesFn(_EntityFn):
         if batch is not None:
             yield batch
 
-    def process(self, element, entity=beam.DoFn.StateParam(ENTITY), timestamp=beam.DoFn.TimestampParam):
-        terminal_id, (kind, payload) = element
+    def process(self, element, state=beam.DoFn.StateParam(ENTITY), timestamp=beam.DoFn.TimestampParam):
+        _, (kind, payload) = element
         if kind == "fb":
             payload, _, row = payload
+            terminal_id = payload.terminal_id
         else:
             tx, customer_features, row, customer_cell = payload
+            terminal_id = tx.terminal_id
+        entity = self._entity_state(state, terminal_id)
         cached = entity.read()
         state = store.terminal_state(self._load(terminal_id, row)) if cached is None else cached
         if kind == "fb":  # its state cell left with the report, from the loading step
@@ -339,9 +398,11 @@ class ComputedFeatures(NamedTuple):
     feedback_state: beam.PCollection  # keyed outcomes with the cells of fraud reports, for `PublishOutcomes`
 
 
-def load_transactions(config: StoreConfig) -> LoadEntitiesFn:
-    """The DoFn that loads transactions' rows and keys them for the customer step."""
-    return LoadEntitiesFn(config, key=by_customer).with_output_types(tuple[str, Any])
+def load_transactions(config: StoreConfig, buckets: int = 0) -> LoadEntitiesFn:
+    """The DoFn that loads transactions' rows and keys them for the customer step (`buckets`: see
+    the module doc)."""
+    key = functools.partial(by_customer, buckets=buckets)
+    return LoadEntitiesFn(config, key=key).with_output_types(tuple[str, Any])
 
 
 class ComputeFeatures(beam.PTransform):
@@ -355,7 +416,9 @@ class ComputeFeatures(beam.PTransform):
     run it inside validation: `ReadEvents(then=...)`); otherwise this transform loads them in a
     step of its own. And given `batch_size`, the terminal step outputs lists of up to that many
     of what it makes, the rest of each bundle's at the bundle's end, in place of a batching
-    step after it (scoring hands them to RunInference as its batches).
+    step after it (scoring hands them to RunInference as its batches). Given `buckets`, the
+    feature steps keep their entities in the process (local streaming runner only; see the
+    module doc), and transactions loaded beforehand must have been keyed with the same count.
     """
 
     def __init__(
@@ -364,28 +427,37 @@ class ComputeFeatures(beam.PTransform):
         emit: Callable[[FeaturedTransaction, Timestamp], Any] | None = None,
         loaded: bool = False,
         batch_size: int | None = None,
+        buckets: int = 0,
     ):
         super().__init__()
+        entity_key("", buckets)
         self._config = config
         self._emit = emit
         self._loaded = loaded
         self._batch_size = batch_size
+        self._buckets = buckets
 
     def expand(self, inputs):
         transactions, feedback = inputs
+        buckets = self._buckets
         if not self._loaded:
-            transactions = transactions | "LoadTransactionEntities" >> beam.ParDo(load_transactions(self._config))
-        customers = transactions | "CustomerFeatures" >> beam.ParDo(CustomerFeaturesFn(self._config)).with_input_types(
+            transactions = transactions | "LoadTransactionEntities" >> beam.ParDo(
+                load_transactions(self._config, buckets)
+            )
+        customers = transactions | "CustomerFeatures" >> beam.ParDo(
+            CustomerFeaturesFn(self._config, buckets)
+        ).with_input_types(
             tuple[str, Any]  # str keys: a deterministic key coder for the state
         ).with_output_types(tuple[str, Any])
+        by_terminal = functools.partial(feedback_by_terminal, buckets=buckets)
         reports = feedback | "LoadFeedbackEntities" >> beam.ParDo(
-            LoadEntitiesFn(self._config, key=feedback_by_terminal, cells=report_cells)
+            LoadEntitiesFn(self._config, key=by_terminal, cells=report_cells)
         ).with_output_types(tuple[str, Any]).with_outputs(FEEDBACK_STATE_TAG, main="loaded")
         featured = (
             (customers, reports.loaded)
             | "MergeTerminalInputs" >> beam.Flatten()
             | "TerminalFeatures"
-            >> beam.ParDo(TerminalFeaturesFn(self._config, self._emit, self._batch_size))
+            >> beam.ParDo(TerminalFeaturesFn(self._config, self._emit, self._batch_size, buckets))
             .with_input_types(tuple[str, Any])  # str keys: a deterministic key coder for the state
             .with_output_types(FeaturedTransaction if self._emit is None and not self._batch_size else Any)
             # One output, but `with_outputs` keeps the step's name (its state's, for --update).
