@@ -79,35 +79,22 @@ def test_stream_backfill_and_reference_agree_on_every_transaction(services, hist
 
 
 def test_a_restarted_job_continues_exactly_from_bigtable(services, history, uninterrupted, unique_topics, tmp_path):
+    # The first job keeps its entities in Beam state under a key per customer and per terminal, as
+    # on Dataflow (--feature_state=beam); the second, like the uninterrupted run, in the process
+    # under 16 bucket keys (the local default): each kind continues from the other's table.
     table = new_table(services, "restart")
-    with StreamingJob(services, unique_topics, table, tmp_path / "before.log") as job:
+    with StreamingJob(services, unique_topics, table, tmp_path / "before.log", extra=("--feature_state=beam",)) as job:
         first = job.publish(history["first"])
-        assert len(job.features(first.transactions)) == first.transactions
+        before = job.features(first.transactions)
         job.settle()
-    # A new job has fresh Beam state: everything it knows comes from Bigtable.
+    assert len(before) == first.transactions
+    assert_same_features(by_id(before), by_id(uninterrupted["records"]), ids=by_id(before))
+    # A new job has fresh state: everything it knows comes from Bigtable.
     with StreamingJob(services, unique_topics, table, tmp_path / "after.log") as job:
         second = job.publish(history["second"])
         after = job.features(second.transactions)
     assert len(after) == second.transactions
     assert_same_features(by_id(after), by_id(uninterrupted["records"]), ids=by_id(after))
-
-
-def test_state_under_a_key_per_entity_gives_the_same_features_and_either_way_restarts_the_other(
-    services, history, uninterrupted, unique_topics, tmp_path
-):
-    # The local default keeps entities in the process under 16 bucket keys (--feature_state=process);
-    # Beam state under a key per customer and per terminal is what other runners use.
-    table = new_table(services, "modes")
-    with StreamingJob(services, unique_topics, table, tmp_path / "beam.log", extra=("--feature_state=beam",)) as job:
-        first = job.publish(history["first"])
-        before = job.features(first.transactions)
-        job.settle()
-    with StreamingJob(services, unique_topics, table, tmp_path / "process.log") as job:
-        second = job.publish(history["second"])
-        after = job.features(second.transactions)
-    assert len(before) == first.transactions and len(after) == second.transactions
-    assert_same_features(by_id(before), history["reference"], ids=by_id(before))
-    assert_same_features(by_id(after), history["reference"], ids=by_id(after))
 
 
 def test_backfill_then_stream_equals_backfill_over_everything(services, history, unique_topics, tmp_path):

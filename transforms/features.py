@@ -256,10 +256,10 @@ class CustomerFeaturesFn(_EntityFn):
         self._duplicates = _counter("duplicate_transactions")
         self._late = _counter("late_transactions")
 
-    def process(self, element, state=beam.DoFn.StateParam(ENTITY)):
+    def process(self, element, beam_state=beam.DoFn.StateParam(ENTITY)):
         _, (tx, customer_row, terminal_row) = element
         customer_id = tx.customer_id
-        entity = self._entity_state(state, customer_id)
+        entity = self._entity_state(beam_state, customer_id)
         cached = entity.read()
         state = store.customer_state(self._load(customer_id, customer_row)) if cached is None else cached
         if state.watermark_us is not None and tx.event_time_us < state.watermark_us:
@@ -345,7 +345,7 @@ class TerminalFeaturesFn(_EntityFn):
         if batch is not None:
             yield batch
 
-    def process(self, element, state=beam.DoFn.StateParam(ENTITY), timestamp=beam.DoFn.TimestampParam):
+    def process(self, element, beam_state=beam.DoFn.StateParam(ENTITY), timestamp=beam.DoFn.TimestampParam):
         _, (kind, payload) = element
         if kind == "fb":
             payload, _, row = payload
@@ -353,7 +353,7 @@ class TerminalFeaturesFn(_EntityFn):
         else:
             tx, customer_features, row, customer_cell = payload
             terminal_id = tx.terminal_id
-        entity = self._entity_state(state, terminal_id)
+        entity = self._entity_state(beam_state, terminal_id)
         cached = entity.read()
         state = store.terminal_state(self._load(terminal_id, row)) if cached is None else cached
         if kind == "fb":  # its state cell left with the report, from the loading step
