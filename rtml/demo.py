@@ -171,7 +171,7 @@ def _print_summary(
     ok = len(measured.outputs) == transactions and not extra and measured.duplicates == 0 and dead == malformed
     table = Table(title="rtml demo: the whole loop")
     table.add_column("what")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     rows = [
         ("simulated transactions (90 days)", f"{simulated.transactions:,}"),
         ("events in: transactions streamed", f"{stats.transactions:,}"),
@@ -205,12 +205,12 @@ def _print_summary(
             ("  last: reported frauds among the scored (reports come ~7 days later)", f"{labels['reported_frauds']:,}"),
             ("  last: reported frauds flagged", "-" if labels["fraud_flagged_share"] is None else f"{labels['fraud_flagged_share']:.2%}"),
         ]
-    rows += [
-        ("reconciled (one insight per transaction, one dead letter per bad message)", "yes" if ok else "NO"),
-        ("insights", str(insights_file)),
-        ("model report", f"{version_dir}/report/summary.md" if version_dir else "-"),
-    ]
+    rows.append(("reconciled (one insight per transaction, one dead letter per bad message)", "yes" if ok else "NO"))
     for name, value in rows:
         table.add_row(name, value)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    # The paths go below the table, whole and unwrapped, so that they can be copied from any terminal.
+    for name, path in (("insights", str(insights_file)), ("model report", f"{version_dir}/report/summary.md" if version_dir else "-")):
+        console.print(f"{name}: {path}", soft_wrap=True, markup=False, highlight=False)
     return ok

@@ -1,4 +1,4 @@
-"""The demo's calendar, history split and latency summary (pure); the demo itself runs in `make demo`."""
+"""The demo's calendar, history split, latency summary and printed summary (pure); the demo itself runs in `make demo`."""
 
 import datetime as dt
 import math
@@ -43,3 +43,42 @@ def test_steady_state_latency_leaves_out_the_transactions_published_early_in_the
     assert run.latency_percentiles(50, 100, after_s=30) == [100.0, 100.0]
     assert run.latency_percentiles(100) == [5000.0]
     assert all(math.isnan(value) for value in run.latency_percentiles(50, after_s=60))
+
+
+def _simulated(transactions: int) -> simulator.SimulationSummary:
+    return simulator.SimulationSummary(transactions, 0, {}, 0.0, "", "", 0.0)
+
+
+def _summary_inputs(tmp_path, dead_letters: int):
+    start = 1_000_000_000_000
+    run = loadtest.StreamRun(replay_started_us=start, stats=pubsub_tools.ReplayStats(transactions=3, feedback=1))
+    run.stats.malformed["not_json"] = 1
+    run.dead_letters["invalid_json"] = dead_letters
+    for i, decision in enumerate(["approve", "approve", "decline"]):
+        run.published_at_us[f"t{i}"] = start + i * 1_000_000
+        run.outputs[f"t{i}"] = pubsub_tools.PulledMessage(f'{{"decision": "{decision}"}}'.encode(), {}, start + i * 1_000_000 + 40_000)
+    quality = {"frauds": 1, "auc_roc": 0.91234, "average_precision": None, "card_precision_at_100": 0.07}
+    # Paths longer than any terminal's width.
+    insights = tmp_path / ("i" * 90) / "insights.jsonl"
+    version = tmp_path / ("v" * 90) / "20260101-000000"
+    return run, quality, insights, version
+
+
+def test_the_summary_prints_the_figures_and_both_paths_whole(tmp_path, capsys):
+    run, quality, insights, version = _summary_inputs(tmp_path, dead_letters=1)
+    simulated = _simulated(104_804)
+    assert demo._print_summary(simulated, run, 3, quality, insights, version, 2, None) is True
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert f"insights: {insights}" in lines
+    assert f"model report: {version}/report/summary.md" in lines
+    assert "104,804" in out and "0.9123" in out and "n/a" in out and "66.67%" in out
+    assert "yes" in out and "NO" not in out
+
+
+def test_the_summary_says_no_when_a_dead_letter_is_missing(tmp_path, capsys):
+    run, quality, insights, version = _summary_inputs(tmp_path, dead_letters=0)
+    simulated = _simulated(10)
+    assert demo._print_summary(simulated, run, 3, quality, insights, None, 0, None) is False
+    out = capsys.readouterr().out
+    assert "NO" in out and "model report: -" in out.splitlines()
