@@ -444,7 +444,7 @@ def _print_kv(title: str, values: dict[str, str]) -> None:
 
     table = Table(title=title, show_header=False)
     table.add_column("what")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")  # a long path wraps; it is never cut
     for key, value in values.items():
         table.add_row(key, value)
     Console(stderr=False).print(table)

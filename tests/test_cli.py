@@ -21,6 +21,17 @@ def emulator_args(services) -> list[str]:
     ]
 
 
+def test_summary_tables_wrap_a_long_path_and_never_cut_it(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    path = "out/" + "/".join(f"folder{i:02d}" for i in range(20)) + "/report/summary.md"
+    cli._print_kv("model version 20260101-000000", {"exported to": path, "seconds": "1.5"})
+    out = capsys.readouterr().out
+    assert "…" not in out
+    cells = "".join(ch for ch in out if not ch.isspace() and ch not in "│┃┏┓┗┛━─┡┩└┘┌┐╇┼┬┴├┤╭╮╰╯")
+    assert "exportedto" + path in cells
+    assert max(len(line) for line in out.splitlines()) <= 80 < len(path)
+
+
 def test_help_lists_every_command_of_this_release(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli("--help")
