@@ -22,6 +22,7 @@ import hashlib
 import os
 import struct
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -133,14 +134,15 @@ _SHARED_CLIENTS: dict[tuple, object] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def _new_client(project: str):
-    import warnings
+# The client warns "Connecting to Bigtable emulator" when it first opens its data channel, which
+# happens lazily, at the first read or write, not in `Client()`: the filter is for the process.
+warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator", category=RuntimeWarning)
 
+
+def _new_client(project: str):
     from google.cloud import bigtable
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator")
-        return bigtable.Client(project=project, admin=False)
+    return bigtable.Client(project=project, admin=False)
 
 
 def _shared_client(project: str):

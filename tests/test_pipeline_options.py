@@ -208,3 +208,18 @@ def test_feature_state_is_kept_in_the_process_only_on_the_local_streaming_runner
     for elsewhere in (dataflow, batch, fn_api):
         with pytest.raises(ValueError, match="--feature_state=process needs the local streaming runner"):
             buckets(*elsewhere, "--feature_state=process")
+
+
+def test_the_local_backfill_drops_only_the_workers_staging_warning(caplog):
+    import logging
+
+    from beam_pipelines import backfill
+
+    backfill.quiet_local_workers()
+    backfill.quiet_local_workers()
+    worker_log = logging.getLogger(backfill.WORKER_LOG)
+    assert sum(isinstance(f, backfill._NoStagingWarning) for f in worker_log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=backfill.WORKER_LOG):
+        worker_log.warning('Worker: severity: WARN message: "No semi_persistent_directory found:  User registered objects"')
+        worker_log.warning("Worker: severity: WARN message: something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["Worker: severity: WARN message: something else went wrong"]
