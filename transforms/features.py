@@ -73,12 +73,16 @@ def _counter(name: str):
     return Metrics.counter("features", name)
 
 
+def _checked_buckets(buckets: int) -> int:
+    if buckets < 0:
+        raise ValueError(f"feature buckets must be >= 0, got {buckets}")
+    return buckets
+
+
 def entity_key(entity_id: str, buckets: int = 0) -> str:
     """A feature step's key for an entity: the entity itself (`buckets` 0), else one of `buckets`
     buckets of entities (see the module doc)."""
-    if buckets < 0:
-        raise ValueError(f"feature buckets must be >= 0, got {buckets}")
-    if not buckets:
+    if not _checked_buckets(buckets):
         return entity_id
     return str(zlib.crc32(entity_id.encode("utf-8")) % buckets)
 
@@ -108,10 +112,9 @@ class _EntityFn(dofn.DoFn):
     entities' states are (Beam state, or with `buckets` this process's dict; see the module doc)."""
 
     def __init__(self, config: StoreConfig, kind: str, buckets: int = 0):
-        entity_key("", buckets)  # refuses a negative count now, not in a worker
         self._config = config
         self._kind = kind
-        self._buckets = buckets
+        self._buckets = _checked_buckets(buckets)  # refused now, not in a worker
         self._token = uuid.uuid4().hex  # names this step's entities in the process
 
     def setup(self):
@@ -430,12 +433,11 @@ class ComputeFeatures(beam.PTransform):
         buckets: int = 0,
     ):
         super().__init__()
-        entity_key("", buckets)
         self._config = config
         self._emit = emit
         self._loaded = loaded
         self._batch_size = batch_size
-        self._buckets = buckets
+        self._buckets = _checked_buckets(buckets)
 
     def expand(self, inputs):
         transactions, feedback = inputs
